@@ -1,0 +1,29 @@
+"""Shared test fixtures: the read-only reference material in ../shared."""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+SHARED_DIR = pathlib.Path(os.environ.get(
+    "VIDFUSION_SHARED", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def shared_file(relative: str) -> pathlib.Path:
+  """Path of a file under ../shared; skips (or fails in CI) when it is absent."""
+  path = SHARED_DIR / relative
+  if not path.exists():
+    message = (f"{path} is missing: the reference material in ../shared is needed "
+               "(clone it beside the project or set VIDFUSION_SHARED)")
+    if os.environ.get("VIDFUSION_REQUIRE_SHARED") == "1":
+      pytest.fail(message)
+    pytest.skip(message)
+  return path
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  """Parity needs full float32 matmuls (GPUs default to TF32)."""
+  with jax.default_matmul_precision("float32"):
+    yield
