@@ -1,0 +1,216 @@
+"""Frame and video I/O shared by data conversion, inference and evaluation.
+
+Frames are `uint8` RGB arrays of shape (H, W, 3). A "clip source" is either a folder of image
+files (natural-sorted by name) or a video file. Images are decoded with OpenCV; videos are read and
+written with imageio-ffmpeg (the `video` extra), which ships its own ffmpeg binary.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import tempfile
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+class FrameReadError(ValueError):
+  """An image or video that cannot be decoded; the message names the file."""
+
+
+def natural_key(name: str) -> list[int | str]:
+  """Sort key that orders `frame2` before `frame10`."""
+  return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def is_video_file(path: str | os.PathLike) -> bool:
+  path = pathlib.Path(path)
+  return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def list_frame_files(folder: str | os.PathLike) -> list[pathlib.Path]:
+  """Image files directly inside `folder`, natural-sorted by file name."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder} is not a folder of frames")
+  files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+  return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def decode_frame(data: bytes, name: str = "<bytes>") -> np.ndarray:
+  """Decodes an encoded image (PNG, JPEG, ...) to uint8 RGB (H, W, 3)."""
+  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+  if image is None:
+    raise FrameReadError(f"cannot decode image {name}: unreadable or truncated file")
+  return to_rgb_uint8(image, name, bgr=True)
+
+
+def to_rgb_uint8(image: np.ndarray, name: str = "<array>", bgr: bool = False) -> np.ndarray:
+  """Gray, gray+alpha, RGB or RGBA (uint8 or uint16) to uint8 RGB (H, W, 3)."""
+  if image.dtype == np.uint16:
+    image = (image.astype(np.uint32) * 255 + 32767) // 65535
+  elif image.dtype != np.uint8:
+    raise FrameReadError(f"{name}: unsupported pixel type {image.dtype}; expected 8- or 16-bit")
+  image = image.astype(np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  channels = image.shape[-1]
+  if channels in (1, 2):
+    return np.ascontiguousarray(np.repeat(image[..., :1], 3, axis=-1))
+  if channels in (3, 4):
+    image = image[..., :3]
+    return np.ascontiguousarray(image[..., ::-1] if bgr else image)
+  raise FrameReadError(f"{name}: unsupported channel count {channels}")
+
+
+def read_frame(path: str | os.PathLike) -> np.ndarray:
+  """Reads one image file as uint8 RGB (H, W, 3); gray images get 3 equal channels."""
+  path = pathlib.Path(path)
+  try:
+    data = path.read_bytes()
+  except OSError as error:
+    raise FrameReadError(f"cannot read image {path}: {error}") from error
+  return decode_frame(data, str(path))
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+  """Lossless PNG bytes of a uint8 RGB (or gray) frame."""
+  rgb = np.asarray(rgb)
+  if rgb.dtype != np.uint8:
+    raise ValueError(f"encode_png expects uint8 pixels, got {rgb.dtype}")
+  image = rgb[..., ::-1] if rgb.ndim == 3 else rgb
+  ok, buffer = cv2.imencode(".png", np.ascontiguousarray(image))
+  if not ok:
+    raise ValueError(f"PNG encoding failed for an array of shape {rgb.shape}")
+  return buffer.tobytes()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it into place."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+  """Writes a uint8 RGB frame as PNG, atomically (no half-written file on interruption)."""
+  atomic_write_bytes(path, encode_png(rgb))
+
+
+def _imageio_ffmpeg():
+  try:
+    import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError("video files need the `video` extra: pip install 'vidfusion-jax[video]'"
+                      ) from error
+  return imageio_ffmpeg
+
+
+def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+  """Decodes a video file frame by frame as uint8 RGB (H, W, 3)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"video file {path} does not exist")
+  reader = _imageio_ffmpeg().read_frames(str(path), pix_fmt="rgb24")
+  try:
+    meta = next(reader)
+  except (RuntimeError, OSError, StopIteration) as error:
+    raise FrameReadError(f"cannot decode video {path}: {error}") from error
+  width, height = meta["size"]
+  try:
+    for raw in reader:
+      yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+  except RuntimeError as error:
+    raise FrameReadError(f"cannot decode video {path}: {error}") from error
+  finally:
+    reader.close()
+
+
+def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+  """Frames of a frame folder or a video file, in order, as uint8 RGB (H, W, 3)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    files = list_frame_files(path)
+    if not files:
+      raise FrameReadError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return (read_frame(f) for f in files)
+  if is_video_file(path):
+    return iter_video_frames(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist")
+  raise FrameReadError(
+      f"{path} is neither a folder of frames nor a video file ({', '.join(VIDEO_SUFFIXES)})")
+
+
+def count_frames(path: str | os.PathLike) -> int:
+  """Number of frames of a frame folder or a video file (exact: videos are decoded)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return len(list_frame_files(path))
+  if is_video_file(path):
+    frames, _ = _imageio_ffmpeg().count_frames_and_secs(str(path))
+    return frames
+  return sum(1 for _ in iter_frames(path))
+
+
+class VideoWriter:
+  """Writes uint8 RGB frames to an H.264 mp4, atomically on close.
+
+  Odd frame sizes are padded by one replicated row/column (yuv420p needs even sizes).
+  """
+
+  def __init__(self, path: str | os.PathLike, fps: float = 30.0, quality: int = 8):
+    self.path = pathlib.Path(path)
+    self.fps = fps
+    self.quality = quality
+    self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+    self._writer = None
+    self._size = None
+
+  def __enter__(self) -> "VideoWriter":
+    return self
+
+  def write(self, rgb: np.ndarray) -> None:
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+      raise ValueError(f"VideoWriter expects uint8 (H, W, 3) frames, got {rgb.dtype} {rgb.shape}")
+    height, width = rgb.shape[:2]
+    if self._writer is None:
+      self._size = (height, width)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._writer = _imageio_ffmpeg().write_frames(
+          str(self._tmp), (width + width % 2, height + height % 2), fps=self.fps,
+          codec="libx264", pix_fmt_out="yuv420p", quality=self.quality, macro_block_size=1)
+      self._writer.send(None)
+    elif (height, width) != self._size:
+      raise ValueError(f"frame size {(height, width)} differs from the first frame's {self._size}")
+    rgb = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    self._writer.send(np.ascontiguousarray(rgb))
+
+  def close(self) -> None:
+    if self._writer is None:
+      raise ValueError(f"no frames were written to {self.path}")
+    self._writer.close()
+    self._writer = None
+    os.replace(self._tmp, self.path)
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    elif self._writer is not None:
+      self._writer.close()
+      self._writer = None
+      self._tmp.unlink(missing_ok=True)
