@@ -22,6 +22,12 @@ def shared_file(relative: str) -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope="session")
+def shared():
+  """`shared("golden/x.npz")` gives the path, or skips (fails in CI) when absent."""
+  return shared_file
+
+
 @pytest.fixture(autouse=True)
 def _float32_matmuls():
   """Parity needs full float32 matmuls (GPUs default to TF32)."""
