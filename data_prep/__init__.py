@@ -1,0 +1,1 @@
+"""Dataset converters: `python -m data_prep <source> ...` writes TFRecord clip shards."""

@@ -1,0 +1,179 @@
+"""TFRecord framing with masked CRC32C, and the per-shard byte-offset index.
+
+A TFRecord file is a sequence of records, each framed as
+
+    uint64 length | uint32 masked_crc32c(length) | data[length] | uint32 masked_crc32c(data)
+
+(little endian), which is what `tf.data.TFRecordDataset` reads. The index file beside each shard
+(`<shard>.idx`) holds one text line `offset size` per record (the DALI `tfrecord2idx` format):
+the byte offset of the record's frame and the frame's total size (data length + 16). The index is
+what turns a shard into a random-access source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import struct
+from typing import Iterator
+
+import google_crc32c
+import numpy as np
+
+_MASK_DELTA = 0xA282EAD8
+_HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
+FRAMING_BYTES = _HEADER.size + _FOOTER.size
+INDEX_SUFFIX = ".idx"
+
+
+class RecordCorruptError(ValueError):
+  """A record whose framing or checksum is wrong; the message names the file and byte offset."""
+
+
+def masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC32C: rotate right by 15 bits, add a constant (mod 2**32)."""
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+  """The framed bytes of one record."""
+  length = struct.pack("<Q", len(data))
+  return b"".join((length, _FOOTER.pack(masked_crc32c(length)), data,
+                   _FOOTER.pack(masked_crc32c(data))))
+
+
+def index_path(shard_path: str | os.PathLike) -> pathlib.Path:
+  shard_path = pathlib.Path(shard_path)
+  return shard_path.with_name(shard_path.name + INDEX_SUFFIX)
+
+
+class ShardWriter:
+  """Writes one shard and its index under temporary names; `commit` renames them into place.
+
+  Until `commit` neither final file exists, so an interrupted conversion leaves no shard that
+  looks complete. The index is renamed first: a shard file without its index is never valid.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    self._file = open(self._tmp, "wb")  # pylint: disable=consider-using-with
+    self._sha256 = hashlib.sha256()
+    self._index: list[tuple[int, int]] = []
+    self._offset = 0
+
+  def write(self, data: bytes) -> None:
+    framed = frame_record(data)
+    self._file.write(framed)
+    self._sha256.update(framed)
+    self._index.append((self._offset, len(framed)))
+    self._offset += len(framed)
+
+  def commit(self) -> dict:
+    """Closes, renames into place and returns `{num_records, num_bytes, sha256}`."""
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+    index_text = "".join(f"{offset} {size}\n" for offset, size in self._index)
+    _atomic_write_text(index_path(self.path), index_text)
+    os.replace(self._tmp, self.path)
+    return {"num_records": len(self._index), "num_bytes": self._offset,
+            "sha256": self._sha256.hexdigest()}
+
+  def abort(self) -> None:
+    self._file.close()
+    self._tmp.unlink(missing_ok=True)
+
+  def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      self.abort()
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, "w", encoding="ascii") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_index(shard_path: str | os.PathLike) -> np.ndarray:
+  """(num_records, 2) int64 array of (offset, size) from the shard's index file.
+
+  Checks that the records tile the shard exactly, so a truncated shard or a stale index is an
+  error naming the file.
+  """
+  shard_path = pathlib.Path(shard_path)
+  path = index_path(shard_path)
+  try:
+    text = path.read_text(encoding="ascii")
+  except OSError as error:
+    raise FileNotFoundError(f"index file {path} of shard {shard_path} cannot be read: {error}"
+                            ) from error
+  try:
+    index = np.array([line.split() for line in text.splitlines()], np.int64).reshape(-1, 2)
+  except ValueError as error:
+    raise RecordCorruptError(f"index file {path} is malformed: {error}") from error
+  ends = index[:, 0] + index[:, 1]
+  file_size = shard_path.stat().st_size
+  expected_offsets = np.concatenate([[0], ends[:-1]])
+  if (not np.array_equal(index[:, 0], expected_offsets) or (index[:, 1] < FRAMING_BYTES).any()
+      or (ends[-1] if len(ends) else 0) != file_size):
+    raise RecordCorruptError(
+        f"index file {path} does not match shard {shard_path} ({file_size} bytes): the shard is "
+        "truncated or the index is stale; re-run the conversion")
+  return index
+
+
+def read_record(fd: int, path: str | os.PathLike, offset: int, size: int | None = None) -> bytes:
+  """Reads the record framed at `offset` of an open file and verifies both CRCs.
+
+  `size` (from the index) is the expected frame size. Raises `RecordCorruptError` naming the file
+  and the offset when the framing or a checksum is wrong.
+  """
+  header = os.pread(fd, _HEADER.size, offset)
+  if len(header) < _HEADER.size:
+    raise RecordCorruptError(f"{path}: record at byte offset {offset} is truncated")
+  length, length_crc = _HEADER.unpack(header)
+  if masked_crc32c(header[:8]) != length_crc:
+    raise RecordCorruptError(f"{path}: length CRC mismatch in record at byte offset {offset}")
+  if size is not None and length + FRAMING_BYTES != size:
+    raise RecordCorruptError(
+        f"{path}: record at byte offset {offset} has length {length}, but the index gives a "
+        f"{size}-byte frame")
+  data = os.pread(fd, length, offset + _HEADER.size)
+  footer = os.pread(fd, _FOOTER.size, offset + _HEADER.size + length)
+  if len(data) < length or len(footer) < _FOOTER.size:
+    raise RecordCorruptError(f"{path}: record at byte offset {offset} is truncated")
+  if masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
+    raise RecordCorruptError(f"{path}: data CRC mismatch in record at byte offset {offset}")
+  return data
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+  """(offset, data) of every record of a TFRecord file, scanned from the start, CRC-checked."""
+  file_size = os.path.getsize(path)
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    offset = 0
+    while offset < file_size:
+      data = read_record(fd, path, offset)
+      yield offset, data
+      offset += len(data) + FRAMING_BYTES
+  finally:
+    os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
