@@ -359,10 +359,13 @@ class BranchAndCombine(nn.Module):
                 vi_visual=vi_visual)
 
 
-def neighbour_frames(num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """Frame indices of the two DCN neighbours: i-1 and i-2, frames 0 and 1 use themselves."""
-  frames = np.arange(num_frames)
-  return (np.where(frames < 2, frames, frames - 1), np.where(frames < 2, frames, frames - 2))
+def neighbour_frames(num_frames: int) -> tuple[jax.Array, jax.Array]:
+  """Frame indices of the two DCN neighbours: i-1 and i-2, frames 0 and 1 use themselves.
+
+  jnp (not np) so that a symbolic time dimension (jax.export) traces.
+  """
+  frames = jnp.arange(num_frames)
+  return (jnp.where(frames < 2, frames, frames - 1), jnp.where(frames < 2, frames, frames - 2))
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
