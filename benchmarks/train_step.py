@@ -1,0 +1,129 @@
+"""Compile time, step time, frames/s and memory of the sharded train step (JSON lines on stdout).
+
+  python benchmarks/train_step.py            # official config, 3 clips x 6 x 128 x 128 per device
+  python benchmarks/train_step.py --quick    # tiny model and clips: checks the script
+  python benchmarks/train_step.py --model=temcoco --per_device_batch=3   # TemCoCo recipe clips
+
+Measures `vidfusion_jax.train`'s jitted step (forward, loss, backward, clipping, AdamW) on all
+local devices (mesh data=-1) for every combination of --remat and --dtype, on random clips already
+on the device. `peak_bytes` is the device allocator's peak (GPU/TPU; null on CPU);
+`compiled_bytes` is XLA's estimate for the step (arguments + outputs + temporaries - aliased).
+TemCoCo's step includes its distillation teachers (VGG19 features[:12] and a DINOv2 ViT-L/14, or a
+one-block ViT of the same width with --quick) with random weights.
+"""
+
+import argparse
+import importlib.util
+import itertools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vidfusion_jax import data
+from vidfusion_jax import sharding
+from vidfusion_jax import train
+from vidfusion_jax.models import teachers as teacher_models
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def _official_config(model: str):
+  spec = importlib.util.spec_from_file_location(f"{model}_config", CONFIG_DIR / f"{model}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _random_teachers(config, quick: bool):
+  """TemCoCo's frozen teachers with random weights (ViT-L/14, or one block of it with --quick)."""
+  if config.model.name != "temcoco" or not config.teachers.distillation:
+    return None
+  image = jnp.zeros((1, 14, 14, 3), jnp.float32)
+  vgg = teacher_models.VGG19Features()
+  dino = teacher_models.DinoVisionTransformer(depth=1 if quick else teacher_models.VITL14["depth"])
+  return teacher_models.Teachers(
+      vgg=jax.jit(vgg.init)(jax.random.key(1), image)["params"],
+      dino=jax.jit(dino.init)(jax.random.key(2), image)["params"],
+      dino_num_heads=config.teachers.dinov2_num_heads)
+
+
+def _config(model: str, quick: bool, per_device_batch: int, remat: bool, dtype: str):
+  config = _official_config(model)
+  if quick:
+    if model == "videofusion":
+      config.model.config.update(num_features=16, embed_dim=16, num_blocks=[1, 1, 1],
+                                 num_decoder_blocks=1)
+    config.data.update(clip_length=2, crop_size=32)
+  config.data.source = "synthetic"
+  config.batch_size = per_device_batch * jax.device_count()
+  config.model.update(remat=remat, dtype=dtype)
+  return config
+
+
+def _memory(compiled) -> int | None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
+             analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def measure(config, steps: int, teachers=None) -> dict:
+  mesh = sharding.mesh_from_config(config)
+  trainer = train.make_trainer(config, mesh)
+  state = trainer.init_state()
+  iterator = train.make_train_iterator(config, trainer.batch_sharding)
+  batch = data.to_global_batch(next(iterator), mesh, config.sharding.batch_axes)
+  start = time.perf_counter()
+  compiled = trainer.train_step.lower(state, batch, teachers).compile()
+  compile_seconds = time.perf_counter() - start
+  state, metrics = compiled(state, batch, teachers)  # warm-up
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch, teachers)
+  jax.block_until_ready((state, metrics))
+  step_seconds = (time.perf_counter() - start) / steps
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {
+      "compile_seconds": round(compile_seconds, 3),
+      "step_seconds": step_seconds,
+      "frames_per_second": config.batch_size * config.data.clip_length / step_seconds,
+      "peak_bytes": stats.get("peak_bytes_in_use"),
+      "compiled_bytes": _memory(compiled),
+      "loss": float(metrics["loss"]),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", choices=("videofusion", "temcoco"), default="videofusion",
+                      help="network and recipe (configs/<model>.py) to measure")
+  parser.add_argument("--quick", action="store_true", help="tiny model and clips")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="timed steps after one warm-up step (default 10, --quick 2)")
+  parser.add_argument("--per_device_batch", type=int, default=3, help="clips per device")
+  parser.add_argument("--remat", default="false,true",
+                      help="comma-separated rematerialisation settings to measure")
+  parser.add_argument("--dtype", default="float32,bfloat16",
+                      help="comma-separated compute dtypes to measure")
+  args = parser.parse_args()
+  steps = args.steps or (2 if args.quick else 10)
+  remats = [v.strip().lower() == "true" for v in args.remat.split(",")]
+  dtypes = [v.strip() for v in args.dtype.split(",")]
+  for remat, dtype in itertools.product(remats, dtypes):
+    config = _config(args.model, args.quick, args.per_device_batch, remat, dtype)
+    result = measure(config, steps, _random_teachers(config, args.quick))
+    print(json.dumps({
+        "benchmark": "train_step", "model": args.model, "quick": args.quick, "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "global_batch": config.batch_size, "clip_length": config.data.clip_length,
+        "crop_size": config.data.crop_size, "remat": remat, "dtype": dtype, "steps": steps,
+        **result}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
