@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import contextlib
 import tempfile
+import warnings
 from typing import Iterator
 
 import cv2
@@ -119,6 +121,14 @@ def _imageio_ffmpeg():
   return imageio_ffmpeg
 
 
+@contextlib.contextmanager
+def _spawning_ffmpeg():
+  """ffmpeg runs as fork+exec of a separate program, which JAX's fork warning does not concern."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    yield
+
+
 def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
   """Decodes a video file frame by frame as uint8 RGB (H, W, 3)."""
   path = pathlib.Path(path)
@@ -126,7 +136,8 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
     raise FileNotFoundError(f"video file {path} does not exist")
   reader = _imageio_ffmpeg().read_frames(str(path), pix_fmt="rgb24")
   try:
-    meta = next(reader)
+    with _spawning_ffmpeg():
+      meta = next(reader)
   except (RuntimeError, OSError, StopIteration) as error:
     raise FrameReadError(f"cannot decode video {path}: {error}") from error
   width, height = meta["size"]
@@ -161,7 +172,8 @@ def count_frames(path: str | os.PathLike) -> int:
   if path.is_dir():
     return len(list_frame_files(path))
   if is_video_file(path):
-    frames, _ = _imageio_ffmpeg().count_frames_and_secs(str(path))
+    with _spawning_ffmpeg():
+      frames, _ = _imageio_ffmpeg().count_frames_and_secs(str(path))
     return frames
   return sum(1 for _ in iter_frames(path))
 
@@ -194,7 +206,8 @@ class VideoWriter:
       self._writer = _imageio_ffmpeg().write_frames(
           str(self._tmp), (width + width % 2, height + height % 2), fps=self.fps,
           codec="libx264", pix_fmt_out="yuv420p", quality=self.quality, macro_block_size=1)
-      self._writer.send(None)
+      with _spawning_ffmpeg():
+        self._writer.send(None)
     elif (height, width) != self._size:
       raise ValueError(f"frame size {(height, width)} differs from the first frame's {self._size}")
     rgb = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")

@@ -1,0 +1,264 @@
+"""PyTorch-compatible primitives in channels-last layout, shared by the ported models.
+
+Parameters keep PyTorch's initialisation (Kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)) for
+weights and biases) so that training from scratch matches the reference; layouts are Flax's
+(HWIO kernels). Convolutions are cross-correlations with PyTorch's symmetric zero padding k // 2.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Conv weights.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def shifted(x: jax.Array, axis: int, offset: int) -> jax.Array:
+  """y[..., i, ...] = x[..., i + offset, ...] along `axis`, zero where i + offset is out of range.
+
+  A slice plus an edge pad, which XLA fuses into the consuming elementwise op.
+  """
+  if offset == 0:
+    return x
+  size = x.shape[axis]
+  start, stop = max(offset, 0), size + min(offset, 0)
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (max(-offset, 0), max(offset, 0), 0)
+  return jax.lax.pad(jax.lax.slice_in_dim(x, start, stop, axis=axis), jnp.zeros((), x.dtype),
+                     config)
+
+
+def _depthwise_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Valid depthwise 3x3 cross-correlation: nine shifted products in one fused loop."""
+  height, width = x.shape[1] - 2, x.shape[2] - 2
+  out = None
+  for i in range(3):
+    for j in range(3):
+      term = x[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+@jax.custom_vjp
+def _depthwise_valid_vjp(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _depthwise_valid(x, kernel)
+
+
+def _depthwise_fwd(x, kernel):
+  return _depthwise_valid(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(residuals, dy):
+  # Autodiff of the nine slices would build nine padded cotangents per conv (which XLA keeps
+  # live at once); the transposed conv is again one fused depthwise pass.
+  x, kernel = residuals
+  dy_padded = jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  dx = _depthwise_valid(dy_padded, kernel[::-1, ::-1])
+  height, width = dy.shape[1], dy.shape[2]
+  dkernel = jnp.stack([
+      jnp.stack([jnp.sum(x[:, i:i + height, j:j + width, :] * dy, axis=(0, 1, 2))
+                 for j in range(3)]) for i in range(3)])[:, :, None, :]
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_depthwise_valid_vjp.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.Array:
+  """Depthwise 3x3 cross-correlation with zero padding 0 or 1, as a sum of nine shifted products.
+
+  One fused elementwise loop (forward and, via a custom VJP, backward): faster than a grouped
+  convolution on CPU, where XLA lowers feature groups poorly. x: (N, H, W, C); kernel: (3, 3, 1, C).
+  """
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return _depthwise_valid_vjp(x, kernel)
+
+
+class Conv2d(nn.Module):
+  """torch.nn.Conv2d (stride 1, zero padding, default kernel_size // 2) on NHWC.
+
+  Kernel layout (kh, kw, in/groups, out). With `output_splits` = n > 1 the output channels are
+  returned as n arrays computed separately (kernel column blocks), so that XLA need not keep a
+  wide projection alive at once; a depthwise conv accepts such a tuple and maps it block-wise.
+  """
+  features: int
+  kernel_size: int = 3
+  use_bias: bool = True
+  groups: int = 1
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = torch_kernel_init
+  padding: int | None = None
+  output_splits: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array | tuple[jax.Array, ...]) -> jax.Array | tuple[jax.Array, ...]:
+    chunks = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    in_features = sum(c.shape[-1] for c in chunks)
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, in_features // self.groups, self.features))
+    depthwise = self.groups == in_features == self.features
+    if len(chunks) > 1 and not depthwise:
+      raise ValueError("only a depthwise Conv2d takes its input as a tuple of channel blocks")
+    splits = len(chunks) if depthwise else self.output_splits
+    kernels = jnp.split(kernel.astype(self.dtype), splits, axis=-1)
+    if self.use_bias:
+      bias = self.param("bias", torch_bias_init(k * k * in_features // self.groups),
+                        (self.features,))
+      biases = jnp.split(bias.astype(self.dtype), splits)
+    pad = k // 2 if self.padding is None else self.padding
+    outs = []
+    for i in range(splits):
+      xi = (chunks[i] if depthwise else chunks[0]).astype(self.dtype)
+      if k == 1 and self.groups == 1 and pad == 0:
+        y = jnp.einsum("...c,cd->...d", xi, kernels[i][0, 0])
+      elif k == 3 and depthwise:
+        y = depthwise_conv3x3(xi, kernels[i], pad)
+      else:
+        y = jax.lax.conv_general_dilated(
+            xi, kernels[i], (1, 1), ((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+      outs.append(y + biases[i] if self.use_bias else y)
+    return tuple(outs) if splits > 1 else outs[0]
+
+
+class Conv3d(nn.Module):
+  """torch.nn.Conv3d 3x3x3, stride 1, zero padding 1, with bias, on NTHWC; kernel (kt, kh, kw, in, out).
+
+  Computed as three 2-D convolutions of all frames, one per temporal tap, whose outputs are
+  summed with a shift in time (zero beyond the ends): XLA's CPU 3-D convolution is ~3x slower than
+  its 2-D one.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, time, height, width, in_features = x.shape
+    kernel = self.param("kernel", torch_kernel_init, (3, 3, 3, in_features, self.features))
+    bias = self.param("bias", torch_bias_init(27 * in_features), (self.features,))
+    frames = x.astype(self.dtype).reshape(batch * time, height, width, in_features)
+    y = bias.astype(self.dtype)
+    for dt in range(3):
+      tap = jax.lax.conv_general_dilated(
+          frames, kernel[dt].astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = y + shifted(tap.reshape(batch, time, height, width, self.features), 1, dt - 1)
+    return y
+
+
+class LayerNormBody(nn.Module):
+  """Restormer's per-pixel LayerNorm over channels (biased variance, eps 1e-5 inside the sqrt).
+
+  `with_bias=False` is the "BiasFree" variant: no mean subtraction and no bias, x / sqrt(var + eps) * w.
+  Statistics are computed in float32 whatever the compute dtype.
+  """
+  with_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    weight = self.param("weight", nn.initializers.ones, (features,))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    if self.with_bias:
+      bias = self.param("bias", nn.initializers.zeros, (features,))
+      y = (x32 - mean) / jnp.sqrt(var + 1e-5) * weight + bias
+    else:
+      y = x32 / jnp.sqrt(var + 1e-5) * weight
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """The reference `LayerNorm(dim, type)` wrapper; its parameters live in `body` as in PyTorch."""
+  layer_norm_type: str = "WithBias"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return LayerNormBody(self.layer_norm_type != "BiasFree", self.dtype, name="body")(x)
+
+
+def pixel_unshuffle(x: jax.Array, factor: int = 2) -> jax.Array:
+  """torch.nn.PixelUnshuffle on NHWC: output channel c*f*f + i*f + j holds pixel (f*y+i, f*x+j)."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // factor, factor, w // factor, factor, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4)
+  return x.reshape(n, h // factor, w // factor, c * factor * factor)
+
+
+def _interp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+  """Linear interpolation along one axis with align_corners=True (PyTorch's index arithmetic)."""
+  in_size = x.shape[axis]
+  if out_size == 1 or in_size == 1:
+    return jnp.take(x, jnp.zeros((out_size,), jnp.int32), axis=axis)
+  scale = jnp.float32(in_size - 1) / jnp.float32(out_size - 1)
+  src = jnp.arange(out_size, dtype=jnp.float32) * scale
+  lo = jnp.floor(src).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, in_size - 1)
+  frac = (src - lo.astype(jnp.float32)).astype(x.dtype)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  frac = frac.reshape(shape)
+  return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
+def upsample_bilinear_align_corners(x: jax.Array, factor: int = 2) -> jax.Array:
+  """nn.Upsample(scale_factor=factor, mode='bilinear', align_corners=True) on NHWC."""
+  x = _interp_axis(x, 2, x.shape[2] * factor)
+  return _interp_axis(x, 1, x.shape[1] * factor)
+
+
+def head_affinities(q: jax.Array, k: jax.Array, heads: int) -> jax.Array:
+  """Per-head normalize(q) normalize(k)^T for transposed (channel) attention, in float32.
+
+  q, k: (N, H, W, C); head h owns channels [h*C/heads, (h+1)*C/heads); the L2 norms run over the
+  pixels and are clamped at 1e-12 like F.normalize. Returns (N, heads, C/heads, C/heads). The full
+  C x C Gram matrix is formed in the native (N, pixels, C) layout (no transposes; the extra
+  off-diagonal blocks cost ~2*C^2 FLOPs per pixel, negligible next to the convolutions) and its
+  diagonal blocks are kept. Normalising after the product equals normalising before it.
+  """
+  n, c = q.shape[0], q.shape[-1]
+  q = q.reshape(n, -1, c)
+  k = k.reshape(n, -1, c)
+  gram = jnp.einsum("npc,npd->ncd", q, k, preferred_element_type=jnp.float32)
+  d = c // heads
+  blocks = gram.reshape(n, heads, d, heads, d)[:, jnp.arange(heads), :, jnp.arange(heads), :]
+  blocks = blocks.transpose(1, 0, 2, 3)  # advanced indexing put the head axis first
+  q_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=1)), 1e-12)
+  k_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=1)), 1e-12)
+  return blocks / (q_norm.reshape(n, heads, d, 1) * k_norm.reshape(n, heads, 1, d))
+
+
+def apply_head_attention(attn: jax.Array, v: jax.Array) -> jax.Array:
+  """out[n, y, x, h*d + i] = sum_j attn[n, h, i, j] v[n, y, x, h*d + j] (merged heads).
+
+  attn: (N, heads, d, d); v: (N, H, W, heads*d). Uses the block-diagonal C x C matrix so that v
+  stays in its (N, pixels, C) layout.
+  """
+  n, heads, d, _ = attn.shape
+  block_diag = jnp.einsum("nhij,hg->nhigj", attn, jnp.eye(heads, dtype=attn.dtype))
+  block_diag = block_diag.reshape(n, heads * d, heads * d).astype(v.dtype)
+  return jnp.einsum("nyxj,nij->nyxi", v, block_diag)
+
+
+def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
+  return jnp.where(x >= 0, x, slope * x)
