@@ -35,7 +35,7 @@ def _fuser(setup, dtype, overlap, windows_per_call):
   sample = jax.ShapeDtypeStruct((1, 2, 16, 16, 3), np.float32)
   shapes = jax.eval_shape(module.init, jax.random.key(0), sample, sample)["params"]
   params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  spec = inference.input_spec(setup["name"], module)
+  spec = inference.input_spec(module)
   windows = inference.WindowSettings(setup["window"], overlap)
   return inference.Fuser.from_module(module, params, spec, windows,
                                      windows_per_call=windows_per_call)

@@ -6,6 +6,10 @@ import pathlib
 import jax
 import pytest
 
+# Parity needs full float32 matmuls (GPUs default to TF32); set for the whole session so that
+# module- and session-scoped fixtures computing golden comparisons get it too.
+jax.config.update("jax_default_matmul_precision", "float32")
+
 SHARED_DIR = pathlib.Path(os.environ.get(
     "VIDFUSION_SHARED", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
 
@@ -26,10 +30,3 @@ def shared_file(relative: str) -> pathlib.Path:
 def shared():
   """`shared("golden/x.npz")` gives the path, or skips (fails in CI) when absent."""
   return shared_file
-
-
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  """Parity needs full float32 matmuls (GPUs default to TF32)."""
-  with jax.default_matmul_precision("float32"):
-    yield

@@ -30,10 +30,7 @@ def golden(shared):
 @pytest.fixture(scope="module")
 def golden_sum(golden):
   """All metrics of the 6 golden triples, default (reference) settings."""
-  # Module fixtures run outside conftest's per-test precision context; match it so that the
-  # tests below reuse this compiled function.
-  with jax.default_matmul_precision("float32"):
-    return metrics.compute(golden["fused"], golden["ir"], golden["vis"])
+  return metrics.compute(golden["fused"], golden["ir"], golden["vis"])
 
 
 def _check(values, expected, what):

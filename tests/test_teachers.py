@@ -51,8 +51,7 @@ def test_dinov2_matches_reference(dino_golden, dino_apply, prefix, atol, size):
   state_dict = _dino_state_dict(dino_golden, prefix)
   assert teachers.dinov2_dims(state_dict) == dict(embed_dim=64, depth=2)
   params = weights.from_torch_state_dict("dinov2", state_dict)
-  with jax.default_matmul_precision("float32"):
-    out = dino_apply(params, dino_golden[f"input/{size}"].transpose(0, 2, 3, 1))
+  out = dino_apply(params, dino_golden[f"input/{size}"].transpose(0, 2, 3, 1))
   for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
     err = np.abs(np.asarray(out[key]) - dino_golden[f"{prefix}output/{size}/{key}"]).max()
     assert err <= atol, (key, err)
@@ -100,8 +99,7 @@ def test_vgg19_matches_reference_targets(temcoco_golden, vgg_params):
   """relu3_1 of the raw [0, 1] GT frames (no ImageNet normalisation), both modalities."""
   apply = jax.jit(teachers.VGG19Features().apply)
   for stream in ("vi", "ir"):
-    with jax.default_matmul_precision("float32"):
-      out = apply({"params": vgg_params}, _frames_last(temcoco_golden[f"loss_in/gt_{stream}"]))
+    out = apply({"params": vgg_params}, _frames_last(temcoco_golden[f"loss_in/gt_{stream}"]))
     want = temcoco_golden[f"loss_in/vgg_{stream}_target"]
     err = np.abs(np.asarray(out).transpose(0, 3, 1, 2) - want).max()
     assert err <= 1e-4, (stream, err)
@@ -135,10 +133,9 @@ def test_distillation_targets(temcoco_golden, vgg_params, dino_golden, dino_appl
   frozen = teachers.Teachers(vgg=vgg_params, dino=dino_params, dino_num_heads=MINI_HEADS)
   to_clip = lambda x: x.transpose(0, 1, 3, 4, 2)
   gt_ir, gt_vi = (to_clip(temcoco_golden[f"loss_in/gt_{s}"]) for s in ("ir", "vi"))
-  with jax.default_matmul_precision("float32"):
-    targets = jax.jit(teachers.distillation_targets)(frozen, gt_ir, gt_vi)
-    want_ir = dino_apply(dino_params,
-                         temcoco_golden["loss_in/dino_ir_input"].transpose(0, 2, 3, 1))
+  targets = jax.jit(teachers.distillation_targets)(frozen, gt_ir, gt_vi)
+  want_ir = dino_apply(dino_params,
+                       temcoco_golden["loss_in/dino_ir_input"].transpose(0, 2, 3, 1))
   assert sorted(targets) == ["dino_ir", "dino_vi", "vgg_vi"]
   err = np.abs(np.asarray(targets["vgg_vi"]).transpose(0, 3, 1, 2) -
                temcoco_golden["loss_in/vgg_vi_target"]).max()

@@ -64,14 +64,12 @@ def golden(request, shared):
 @pytest.fixture(scope="module")
 def results(golden):
   """Outputs, loss terms, activations (and for file a, grads) in one compiled call per file."""
-  # Module fixtures run before conftest's function-scoped float32-matmul fixture: set it here too.
-  with jax.default_matmul_precision("float32"):
-    if "grad_meta/total_norm" in golden.z:
-      (_, aux), grads = jax.jit(jax.value_and_grad(golden.forward_and_loss, has_aux=True))(
-          golden.params)
-    else:
-      _, aux = jax.jit(golden.forward_and_loss)(golden.params)
-      grads = None
+  if "grad_meta/total_norm" in golden.z:
+    (_, aux), grads = jax.jit(jax.value_and_grad(golden.forward_and_loss, has_aux=True))(
+        golden.params)
+  else:
+    _, aux = jax.jit(golden.forward_and_loss)(golden.params)
+    grads = None
   outputs, terms, intermediates = jax.device_get(aux)
   return outputs, terms, intermediates, jax.device_get(grads)
 

@@ -84,7 +84,7 @@ def export_model(output: str | os.PathLike, model_name: str, model_config: Mappi
   _check_output(output, overwrite)
   model_config = json.loads(json.dumps(dict(model_config)))  # Plain JSON types (tuples->lists).
   module = inference.build_model(model_name, model_config, dtype)
-  spec = inference.input_spec(model_name, module)
+  spec = inference.input_spec(module)
   params = jax.tree.map(lambda p: np.asarray(p, jnp.dtype(dtype)), dict(params))
   check_params(module, params, spec)
   exported = export_function(module, params, spec, platforms)

@@ -56,11 +56,6 @@ class WindowSettings:
   stretch: bool = False
 
 
-# Fallbacks when a model class does not declare `spatial_multiple` / `min_frames` itself
-# (VideoFusion: two 2x PixelUnshuffle stages, co-attention reads frame 1; TemCoCo: stride-4
-# stem then a stride-4 segmentation branch). Spec files: specs/videofusion.md 1, temcoco.md a.4.
-_INPUT_SPECS = {"videofusion": InputSpec(4, 2), "temcoco": InputSpec(16, 1)}
-
 # Defaults of `fuse` (blended windows) and the official test procedures (specs/videofusion.md 9,
 # specs/temcoco.md (c)): later windows overwrite shared frames; VideoFusion stretches each frame.
 DEFAULT_WINDOWS = {"videofusion": WindowSettings(7, 2), "temcoco": WindowSettings(30, 5)}
@@ -74,15 +69,13 @@ class ModelDirError(ValueError):
   """A model directory that is missing, incomplete or from an incompatible version."""
 
 
-def input_spec(model_name: str, module: Any = None) -> InputSpec:
-  """The size rules of a model: class attributes of `module` if it declares them, else known."""
-  fallback = _INPUT_SPECS.get(model_name)
-  multiple = getattr(module, "spatial_multiple", None) or (fallback and fallback.spatial_multiple)
-  min_frames = getattr(module, "min_frames", None) or (fallback and fallback.min_frames)
-  if not multiple or not min_frames:
-    raise ValueError(f"unknown input size rules for model {model_name!r}: give the module "
-                     "`spatial_multiple` and `min_frames` class attributes")
-  return InputSpec(int(multiple), int(min_frames))
+def input_spec(module: Any) -> InputSpec:
+  """The size rules a model class declares (`spatial_multiple`, `min_frames` class attributes)."""
+  try:
+    return InputSpec(int(module.spatial_multiple), int(module.min_frames))
+  except AttributeError as error:
+    raise ValueError(f"{type(module).__name__} does not declare its input size rules: give it "
+                     "`spatial_multiple` and `min_frames` class attributes") from error
 
 
 def build_model(model_name: str, model_config: Mapping[str, Any], dtype: str = "float32"):
