@@ -29,6 +29,79 @@ def torch_bias_init(fan_in: int) -> Initializer:
   return init
 
 
+def _after(tree: Any, dependencies: Any) -> Any:
+  """`tree` with 0 * min(each float leaf of `dependencies`) added to each float leaf.
+
+  The values are unchanged (for finite dependencies), but XLA must now compute `dependencies`
+  before anything that reads `tree`. An optimisation barrier would not do: XLA:CPU removes them
+  before scheduling.
+  """
+  anchors = [jnp.min(d).astype(jnp.float32) for d in jax.tree.leaves(dependencies)
+             if jnp.issubdtype(d.dtype, jnp.inexact)]
+  zero = 0 * sum(anchors)
+  return jax.tree.map(
+      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+def after(x: Any, dependency: Any) -> Any:
+  """`x`, made to be computed after `dependency`; backward: `dependency`'s cotangent waits for x's.
+
+  Orders independent branches, which XLA:CPU's default scheduler runs concurrently (keeping all
+  their working sets alive): with `b = f(after(x, a))`, the forward computes `a` before `f` and
+  the backward runs f's before a's.
+  """
+  shapes = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape, d.dtype), dependency)
+
+  @jax.custom_vjp
+  def tie(x, dependency):
+    return _after(x, dependency)
+
+  def tie_fwd(x, dependency):
+    return _after(x, dependency), None
+
+  def tie_bwd(_, cotangent):
+    zeros = jax.tree.map(lambda d: jnp.zeros(d.shape, d.dtype), shapes)
+    return cotangent, _after(zeros, cotangent)
+
+  tie.defvjp(tie_fwd, tie_bwd)
+  return tie(x, dependency)
+
+
+def ordered_call(module: nn.Module, *args: jax.Array, remat: bool = False) -> Any:
+  """`module(*args)` whose backward pass runs as one unit, in order; optionally rematerialised.
+
+  XLA's CPU schedulers may move backward work that depends only on forward values (weight
+  gradients, a rematerialised forward) anywhere in the backward pass, and do: they then keep the
+  activations and cotangents of many blocks alive at once (many GB for this network), and CSE
+  merges a `jax.checkpoint` forward back into the original one. Here the block's residuals are
+  made to depend on its incoming cotangent and its input cotangents on its parameter cotangents,
+  so its backward starts when the cotangent arrives and ends before the next block's starts.
+  With `remat` the residuals are the params and inputs and the forward is recomputed from them
+  inside that window.
+  """
+  template = module.clone(parent=None)
+
+  def apply(mdl, *xs):
+    return mdl(*xs)
+
+  def forward(mdl, *xs):
+    if remat:
+      return apply(mdl, *xs), (mdl.variables["params"], xs)
+    return nn.vjp(apply, mdl, *xs)
+
+  def backward(residuals, cotangent):
+    if remat:
+      params, xs = _after(residuals, cotangent)
+      _, vjp_fn = jax.vjp(lambda p, *a: template.apply({"params": p}, *a), params, *xs)
+      param_grads, *input_grads = vjp_fn(cotangent)
+      param_grads = {"params": param_grads}
+    else:
+      param_grads, *input_grads = _after(residuals, cotangent)(cotangent)
+    return (param_grads, *_after(input_grads, param_grads))
+
+  return nn.custom_vjp(apply, forward, backward)(module, *args)
+
+
 def shifted(x: jax.Array, axis: int, offset: int) -> jax.Array:
   """y[..., i, ...] = x[..., i + offset, ...] along `axis`, zero where i + offset is out of range.
 
@@ -66,14 +139,15 @@ def _depthwise_fwd(x, kernel):
 
 def _depthwise_bwd(residuals, dy):
   # Autodiff of the nine slices would build nine padded cotangents per conv (which XLA keeps
-  # live at once); the transposed conv is again one fused depthwise pass.
+  # live at once); the transposed conv is again one fused depthwise pass. Each kernel tap's
+  # gradient pads dy to x's size rather than slicing x: XLA:CPU materialises the nine slices
+  # (and keeps them live together), while the pads fuse into the reductions.
   x, kernel = residuals
   dy_padded = jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (0, 0)))
   dx = _depthwise_valid(dy_padded, kernel[::-1, ::-1])
-  height, width = dy.shape[1], dy.shape[2]
   dkernel = jnp.stack([
-      jnp.stack([jnp.sum(x[:, i:i + height, j:j + width, :] * dy, axis=(0, 1, 2))
-                 for j in range(3)]) for i in range(3)])[:, :, None, :]
+      jnp.stack([jnp.sum(x * jnp.pad(dy, ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0))),
+                         axis=(0, 1, 2)) for j in range(3)]) for i in range(3)])[:, :, None, :]
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -167,7 +241,10 @@ class LayerNormBody(nn.Module):
   """Restormer's per-pixel LayerNorm over channels (biased variance, eps 1e-5 inside the sqrt).
 
   `with_bias=False` is the "BiasFree" variant: no mean subtraction and no bias, x / sqrt(var + eps) * w.
-  Statistics are computed in float32 whatever the compute dtype.
+  Statistics are computed in float32 whatever the compute dtype, as matrix-vector products with a
+  1/C vector: XLA:CPU then normalises in a plain elementwise loop. With reductions it forms a
+  reduction fusion that materialises the weight and bias broadcasts (a full activation each) when
+  one norm is applied to several inputs, as in the cross-attention blocks.
   """
   with_bias: bool = True
   dtype: Dtype = jnp.float32
@@ -177,8 +254,9 @@ class LayerNormBody(nn.Module):
     features = x.shape[-1]
     weight = self.param("weight", nn.initializers.ones, (features,))
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    average = jnp.full((features, 1), 1.0 / features, jnp.float32)
+    mean = jnp.dot(x32, average, precision="highest")
+    var = jnp.dot(jnp.square(x32 - mean), average, precision="highest")
     if self.with_bias:
       bias = self.param("bias", nn.initializers.zeros, (features,))
       y = (x32 - mean) / jnp.sqrt(var + 1e-5) * weight + bias

@@ -8,21 +8,19 @@ unused `attn.norm` LayerNorm of every cross-attention block, the double softmax 
 shared cross blocks in the fusion module, boundary frames as their own neighbours.
 """
 
-from typing import Any, Sequence
+import functools
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vidfusion_jax.models.layers import (Conv2d, Conv3d, LayerNorm, apply_head_attention,
-                                         head_affinities, leaky_relu, pixel_unshuffle,
+                                         after, head_affinities, leaky_relu,
+                                         ordered_call, pixel_unshuffle,
                                          upsample_bilinear_align_corners)
 
 Dtype = Any
-
-
-def _maybe_remat(module_cls, remat: bool):
-  return nn.remat(module_cls) if remat else module_cls
 
 
 def _frames(x: jax.Array) -> jax.Array:
@@ -180,10 +178,10 @@ class FusionModule(BlockConfig):
 
   @nn.compact
   def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
-    block = _maybe_remat(CrossTransformerBlock, self.remat)(**self.block_kwargs(),
-                                                            name="cross_transformer")
+    block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
     query = ir + vi
-    return block(query, ir) + block(query, vi)
+    return (ordered_call(block, query, ir, remat=self.remat) +
+            ordered_call(block, query, vi, remat=self.remat))
 
 
 class CrossModalityDiffEnhance(BlockConfig):
@@ -191,9 +189,8 @@ class CrossModalityDiffEnhance(BlockConfig):
 
   @nn.compact
   def __call__(self, x: jax.Array, supple: jax.Array) -> jax.Array:
-    block = _maybe_remat(CrossTransformerBlock, self.remat)(**self.block_kwargs(),
-                                                            name="cross_transformer")
-    return block(x, supple - x)
+    block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
+    return ordered_call(block, x, supple - x, remat=self.remat)
 
 
 class FusionEnhance(BlockConfig):
@@ -202,9 +199,9 @@ class FusionEnhance(BlockConfig):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block = _maybe_remat(TransformerBlock, self.remat)
     for i in range(self.num_blocks):
-      x = block(**self.block_kwargs(), name=f"transformer_{i}")(x)
+      block = TransformerBlock(**self.block_kwargs(), name=f"transformer_{i}")
+      x = ordered_call(block, x, remat=self.remat)
     return x
 
 
@@ -213,8 +210,8 @@ class CoAttentionModule(BlockConfig):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block = _maybe_remat(CoTransformerBlock, self.remat)
-    return block(**self.block_kwargs(), name="co_transformer")(x)
+    block = CoTransformerBlock(**self.block_kwargs(), name="co_transformer")
+    return ordered_call(block, x, remat=self.remat)
 
 
 class StackedCoAttention(BlockConfig):
@@ -239,9 +236,9 @@ class Decoder3D(BlockConfig):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    block = _maybe_remat(TransformerBlock, self.remat)
     for i in range(self.num_blocks):
-      x = block(**self.block_kwargs(), name=f"decoder_{i}")(x)
+      block = TransformerBlock(**self.block_kwargs(), name=f"decoder_{i}")
+      x = ordered_call(block, x, remat=self.remat)
     x = Conv2d(c // 2, 1, use_bias=True, dtype=self.dtype, name="conv_0")(x)
     x = leaky_relu(x, 0.2)
     return Conv2d(self.out_channels, 3, use_bias=False, dtype=self.dtype, name="conv_2")(x)
@@ -300,9 +297,8 @@ class ResidualBlocks2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block = _maybe_remat(ResidualBlockNoBN, self.remat)
     for k in range(4):
-      x = block(self.dtype, name=f"blocks_0_{k}")(x)
+      x = ordered_call(ResidualBlockNoBN(self.dtype, name=f"blocks_0_{k}"), x, remat=self.remat)
     return x
 
 
@@ -381,6 +377,8 @@ class VideoFusion(nn.Module):
   layer_norm_type: str = "WithBias"
   dtype: Dtype = jnp.float32
   remat: bool = False
+  spatial_multiple: ClassVar[int] = 4  # two 2x PixelUnshuffle stages
+  min_frames: ClassVar[int] = 2  # the co-attention of frame 0 reads frame 1
 
   def _check_inputs(self, ir: jax.Array, vis: jax.Array) -> None:
     shape = tuple(ir.shape)
@@ -402,61 +400,67 @@ class VideoFusion(nn.Module):
     self._check_inputs(ir, vis)
     batch = ir.shape[0]
     f, dt, remat = self.num_features, self.dtype, self.remat
-    conv3d = _maybe_remat(Conv3DModule, remat)
 
     def kwargs(scale):
       return dict(num_heads=self.num_heads[scale], ffn_expansion_factor=self.ffn_expansion_factor,
                   bias=self.bias, layer_norm_type=self.layer_norm_type, dtype=dt, remat=remat)
 
+    last_output = []
+
+    def stage(module, *inputs):  # Runs after the previous stage; its backward runs before.
+      if last_output:
+        inputs = after(inputs, last_output[0])
+      last_output[:] = [ordered_call(module, *inputs)]
+      return last_output[0]
+
     def encode3d(frames, features, name):  # Conv3DModule on the video, returned as frames.
-      return _frames(conv3d(features, dt, name=name)(_video(frames, batch)))
+      return _frames(stage(Conv3DModule(features, dt, name=name), _video(frames, batch)))
 
     def scale_features(x_ir, x_vi, scale, suffix):  # Scales 2 and 3: 3-D conv, res blocks, CmDRM.
       features = f * 2 ** scale
       x_ir = encode3d(x_ir, features, f"conv3d_ir_{suffix}")
       x_vi = encode3d(x_vi, features, f"conv3d_vi_{suffix}")
-      x_ir = ResidualBlocks2D(dt, remat, name=f"ir_conv_enhance_{suffix}")(x_ir)
-      x_vi = ResidualBlocks2D(dt, remat, name=f"vi_conv_enhance_{suffix}")(x_vi)
-      e_ir = CrossModalityDiffEnhance(**kwargs(scale), name=f"cross_modal_enhance_ir_{suffix}")(
-          x_ir, x_vi)
-      e_vi = CrossModalityDiffEnhance(**kwargs(scale), name=f"cross_modal_enhance_vi_{suffix}")(
-          x_vi, x_ir)
-      e_ir = CrossModalAggregation(dt, name=f"CMA_ir_{suffix}")(e_ir, x_ir)
-      e_vi = CrossModalAggregation(dt, name=f"CMA_vi_{suffix}")(e_vi, x_vi)
+      x_ir = stage(ResidualBlocks2D(dt, remat, name=f"ir_conv_enhance_{suffix}"), x_ir)
+      x_vi = stage(ResidualBlocks2D(dt, remat, name=f"vi_conv_enhance_{suffix}"), x_vi)
+      enhance = functools.partial(CrossModalityDiffEnhance, **kwargs(scale))
+      e_ir = stage(enhance(name=f"cross_modal_enhance_ir_{suffix}"), x_ir, x_vi)
+      e_vi = stage(enhance(name=f"cross_modal_enhance_vi_{suffix}"), x_vi, x_ir)
+      e_ir = stage(CrossModalAggregation(dt, name=f"CMA_ir_{suffix}"), e_ir, x_ir)
+      e_vi = stage(CrossModalAggregation(dt, name=f"CMA_vi_{suffix}"), e_vi, x_vi)
       return e_ir, e_vi
 
     def co_attention(x, scale, name):
       layers = StackedCoAttention(**kwargs(scale), num_layers=self.num_blocks[scale], name=name)
-      return _frames(layers(_video(x, batch)))
+      return _frames(stage(layers, _video(x, batch)))
 
     ir1 = encode3d(_frames(ir), f, "conv3d_ir_1")
     vi1 = encode3d(_frames(vis), f, "conv3d_vi_1")
-    skip1 = FusionModule(**kwargs(0), name="fusion_1")(ir1, vi1)
-    skip1 = FusionEnhance(**kwargs(0), num_blocks=self.num_blocks[0], name="fusion_enhance_1")(
-        skip1)
+    ir2 = stage(Downsample(dt, name="down_ir_1"), ir1)
+    vi2 = stage(Downsample(dt, name="down_vi_1"), vi1)
+    skip1 = stage(FusionModule(**kwargs(0), name="fusion_1"), ir1, vi1)
+    skip1 = stage(FusionEnhance(**kwargs(0), num_blocks=self.num_blocks[0],
+                                name="fusion_enhance_1"), skip1)
 
-    ir2 = Downsample(dt, name="down_ir_1")(ir1)
-    vi2 = Downsample(dt, name="down_vi_1")(vi1)
     ir2, vi2 = scale_features(ir2, vi2, 1, 2)
-    skip2 = FusionModule(**kwargs(1), name="fusion_2")(ir2, vi2)
-    skip2 = FusionEnhance(**kwargs(1), num_blocks=self.num_blocks[1], name="fusion_enhance_2")(
-        skip2)
+    ir3 = stage(Downsample(dt, name="down_ir_2"), ir2)
+    vi3 = stage(Downsample(dt, name="down_vi_2"), vi2)
+    skip2 = stage(FusionModule(**kwargs(1), name="fusion_2"), ir2, vi2)
+    skip2 = stage(FusionEnhance(**kwargs(1), num_blocks=self.num_blocks[1],
+                                name="fusion_enhance_2"), skip2)
 
-    ir3 = Downsample(dt, name="down_ir_2")(ir2)
-    vi3 = Downsample(dt, name="down_vi_2")(vi2)
     ir3, vi3 = scale_features(ir3, vi3, 2, 3)
-    x = FusionModule(**kwargs(2), name="fusion_3")(ir3, vi3)
+    x = stage(FusionModule(**kwargs(2), name="fusion_3"), ir3, vi3)
 
     x = co_attention(x, 2, "co_attention_3")
-    x = co_attention(Upsample(dt, name="up2")(x) + skip2, 1, "co_attention_2")
-    x = co_attention(Upsample(dt, name="up1")(x) + skip1, 0, "co_attention_1")
+    x = co_attention(stage(Upsample(dt, name="up2"), x) + skip2, 1, "co_attention_2")
+    x = co_attention(stage(Upsample(dt, name="up1"), x) + skip1, 0, "co_attention_1")
 
-    feat_ir, feat_vi = VideoDecomposition(dt, name="decomposition")(x)
+    feat_ir, feat_vi = stage(VideoDecomposition(dt, name="decomposition"), x)
     outputs = {}
     for key, feat in (("ir", feat_ir), ("vi", feat_vi), ("fusion", x)):
       decoder = Decoder3D(**kwargs(0), out_channels=self.out_channels,
                           num_blocks=self.num_decoder_blocks, name=f"decoder_{key}")
-      decoded = _video(decoder(feat), batch).astype(jnp.float32)
+      decoded = _video(stage(decoder, feat), batch).astype(jnp.float32)
       outputs[key] = (jnp.tanh(decoded) + 1) / 2
     return outputs
 
