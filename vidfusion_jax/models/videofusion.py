@@ -433,20 +433,21 @@ class VideoFusion(nn.Module):
       layers = StackedCoAttention(**kwargs(scale), num_layers=self.num_blocks[scale], name=name)
       return _frames(stage(layers, _video(x, batch)))
 
+    def downsample_and_skip(ir_x, vi_x, scale):
+      """Scale `scale` (0-based): downsampled IR/VI features and the enhanced fused skip."""
+      n = scale + 1
+      ir_down = stage(Downsample(dt, name=f"down_ir_{n}"), ir_x)
+      vi_down = stage(Downsample(dt, name=f"down_vi_{n}"), vi_x)
+      skip = stage(FusionModule(**kwargs(scale), name=f"fusion_{n}"), ir_x, vi_x)
+      skip = stage(FusionEnhance(**kwargs(scale), num_blocks=self.num_blocks[scale],
+                                 name=f"fusion_enhance_{n}"), skip)
+      return ir_down, vi_down, skip
+
     ir1 = encode3d(_frames(ir), f, "conv3d_ir_1")
     vi1 = encode3d(_frames(vis), f, "conv3d_vi_1")
-    ir2 = stage(Downsample(dt, name="down_ir_1"), ir1)
-    vi2 = stage(Downsample(dt, name="down_vi_1"), vi1)
-    skip1 = stage(FusionModule(**kwargs(0), name="fusion_1"), ir1, vi1)
-    skip1 = stage(FusionEnhance(**kwargs(0), num_blocks=self.num_blocks[0],
-                                name="fusion_enhance_1"), skip1)
-
+    ir2, vi2, skip1 = downsample_and_skip(ir1, vi1, 0)
     ir2, vi2 = scale_features(ir2, vi2, 1, 2)
-    ir3 = stage(Downsample(dt, name="down_ir_2"), ir2)
-    vi3 = stage(Downsample(dt, name="down_vi_2"), vi2)
-    skip2 = stage(FusionModule(**kwargs(1), name="fusion_2"), ir2, vi2)
-    skip2 = stage(FusionEnhance(**kwargs(1), num_blocks=self.num_blocks[1],
-                                name="fusion_enhance_2"), skip2)
+    ir3, vi3, skip2 = downsample_and_skip(ir2, vi2, 1)
 
     ir3, vi3 = scale_features(ir3, vi3, 2, 3)
     x = stage(FusionModule(**kwargs(2), name="fusion_3"), ir3, vi3)
