@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from vidfusion_jax import host_memory  # pylint: disable=wrong-import-position
 from vidfusion_jax import inference  # pylint: disable=wrong-import-position
 
 OFFICIAL = {"name": "videofusion", "config": {}, "height": 480, "width": 640, "window": 7,
@@ -59,6 +60,7 @@ def main():
                       help="comma-separated JAX backends to measure, e.g. cpu,gpu (default: the "
                       "default backend)")
   args = parser.parse_args()
+  host_memory.return_large_blocks_to_os()  # as `python -m vidfusion_jax.fuse` does
   setup = QUICK if args.quick else OFFICIAL
   num_frames = args.frames or setup["frames"]
   rng = np.random.default_rng(1)

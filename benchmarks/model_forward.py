@@ -3,6 +3,8 @@
 For each case prints one JSON line: shape, device, compile time, steady-state step time, frames per
 second, peak memory (host RSS high-water mark on CPU, device peak bytes on GPU/TPU), parameter count
 and achieved FLOP/s (model FLOPs: 549 GFLOP per 640x480 frame forward, backward counted as 2x).
+Host memory is handled as by the fuse command: compiler memory released, large blocks unmapped
+when freed (`vidfusion_jax.host_memory`).
 
   python benchmarks/model_forward.py                      # official config, both cases, float32
   python benchmarks/model_forward.py --quick              # small shapes, a smoke test
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax import host_memory
 from vidfusion_jax import losses
 from vidfusion_jax.models import from_reference_config
 
@@ -150,12 +153,14 @@ def run_case(case: str, shape, model, params, args) -> dict:
   start = time.perf_counter()
   compiled = fn.lower(*call_args).compile()
   compile_s = time.perf_counter() - start
+  host_memory.release_freed_memory()  # as `inference.Fuser` does after compiling
   warmup_s = timed(compiled, *call_args)
   step_s = statistics.median(timed(compiled, *call_args) for _ in range(args.steps))
 
   if on_cpu:
     memory = {"peak_memory_bytes": peak_rss_bytes(),
-              "memory_kind": "host_rss_high_water" + ("" if rss_reset else "_since_process_start")}
+              "memory_kind": "host_rss_high_water" + ("" if rss_reset else "_since_process_start"),
+              "large_blocks_to_os": args.large_blocks_to_os}
   else:
     stats = device.memory_stats() or {}
     memory = {"peak_memory_bytes": stats.get("peak_bytes_in_use"),
@@ -176,6 +181,7 @@ def run_case(case: str, shape, model, params, args) -> dict:
 
 def main() -> None:
   args = parse_args()
+  args.large_blocks_to_os = host_memory.return_large_blocks_to_os()  # as the fuse command does
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   reference_config = MODELS[args.model][0]
   params = random_params(args.model, reference_config)

@@ -20,6 +20,7 @@ import numpy as np
 import tqdm
 
 from vidfusion_jax import frames as frame_io
+from vidfusion_jax import host_memory
 from vidfusion_jax import inference
 
 FRAME_NAME = re.compile(r"^\d{4,}\.png$")
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
+  host_memory.return_large_blocks_to_os()
   try:
     written = run(args)
   except (ValueError, OSError) as error:

@@ -27,6 +27,7 @@ import numpy as np
 from flax import serialization
 
 import vidfusion_jax
+from vidfusion_jax import host_memory
 
 MANIFEST_FILE = "manifest.json"
 PARAMS_FILE = "params.msgpack"
@@ -275,10 +276,22 @@ def _to_unit_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
 
-@functools.cache
-def _device_step(infer_fn: InferFn) -> Callable[..., jax.Array]:
-  """`infer_fn` jitted on uint8 or float inputs (converted on the device)."""
-  return jax.jit(lambda p, ir, vis: infer_fn(p, _to_unit_float(ir), _to_unit_float(vis)))
+@functools.lru_cache(maxsize=8)
+def _compile_step(infer_fn: InferFn, treedef: Any, specs: tuple[Any, ...]) -> jax.stages.Compiled:
+  """`infer_fn` on uint8 or float inputs (converted on the device), compiled for one signature."""
+  step = jax.jit(lambda p, ir, vis: infer_fn(p, _to_unit_float(ir), _to_unit_float(vis)))
+  args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                                      for shape, dtype, sharding in specs])
+  compiled = step.lower(*args).compile()
+  host_memory.release_freed_memory()
+  return compiled
+
+
+def _run_step(infer_fn: InferFn, params: Params, ir: np.ndarray, vis: np.ndarray) -> jax.Array:
+  """Runs `infer_fn` compiled ahead of time, so compiler memory is released before it runs."""
+  leaves, treedef = jax.tree.flatten((params, ir, vis))
+  specs = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+  return _compile_step(infer_fn, treedef, specs)(params, ir, vis)
 
 
 def _stack(frames: list[np.ndarray]) -> np.ndarray:
@@ -363,7 +376,7 @@ class Fuser:
     self.windows = windows
     self.windows_per_call = windows_per_call
     self.model_name = model_name
-    self._step = _device_step(infer_fn)
+    self._infer_fn = infer_fn
 
   @classmethod
   def from_module(cls, module: Any, params: Params, spec: InputSpec,
@@ -459,7 +472,7 @@ class Fuser:
       indices = [min(i, stop - 1) for i in range(start, start + length)]
       batch_ir.append(_stack([frames.padded[i][0] for i in indices]))
       batch_vis.append(_stack([frames.padded[i][1] for i in indices]))
-    return self._step(self.params, _stack(batch_ir), _stack(batch_vis))
+    return _run_step(self._infer_fn, self.params, _stack(batch_ir), _stack(batch_vis))
 
   def _accumulate(self, accumulated: dict[int, list[Any]], group: list[tuple[int, int]],
                   result: jax.Array, size: tuple[int, int]) -> None:

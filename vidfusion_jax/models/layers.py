@@ -168,9 +168,11 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.
 class Conv2d(nn.Module):
   """torch.nn.Conv2d (stride 1, zero padding, default kernel_size // 2) on NHWC.
 
-  Kernel layout (kh, kw, in/groups, out). With `output_splits` = n > 1 the output channels are
-  returned as n arrays computed separately (kernel column blocks), so that XLA need not keep a
-  wide projection alive at once; a depthwise conv accepts such a tuple and maps it block-wise.
+  Kernel layout (kh, kw, in/groups, out). With `output_splits` = n > 1 the output channels form n
+  equal blocks computed separately: `conv(x)` returns all n as a tuple and `conv(x, part=i)` only
+  block i, so that a caller can order the blocks and XLA need not keep a wide projection alive at
+  once. A depthwise conv maps blocks to blocks: it takes the tuple of all n blocks, or block i with
+  `part=i`.
   """
   features: int
   kernel_size: int = 3
@@ -182,24 +184,27 @@ class Conv2d(nn.Module):
   output_splits: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array | tuple[jax.Array, ...]) -> jax.Array | tuple[jax.Array, ...]:
-    chunks = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    in_features = sum(c.shape[-1] for c in chunks)
+  def __call__(self, x: jax.Array | tuple[jax.Array, ...],
+               part: int | None = None) -> jax.Array | tuple[jax.Array, ...]:
+    depthwise = self.groups > 1 and self.groups == self.features
+    if isinstance(x, (tuple, list)) and not (depthwise and part is None):
+      raise ValueError("only a depthwise Conv2d takes a tuple (of all its channel blocks)")
+    splits = len(x) if isinstance(x, (tuple, list)) else self.output_splits
+    parts = tuple(range(splits)) if part is None else (part,)
+    inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,) * len(parts)
+    in_features = self.features if depthwise else inputs[0].shape[-1]
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, in_features // self.groups, self.features))
-    depthwise = self.groups == in_features == self.features
-    if len(chunks) > 1 and not depthwise:
-      raise ValueError("only a depthwise Conv2d takes its input as a tuple of channel blocks")
-    splits = len(chunks) if depthwise else self.output_splits
     kernels = jnp.split(kernel.astype(self.dtype), splits, axis=-1)
     if self.use_bias:
       bias = self.param("bias", torch_bias_init(k * k * in_features // self.groups),
                         (self.features,))
       biases = jnp.split(bias.astype(self.dtype), splits)
     pad = k // 2 if self.padding is None else self.padding
+    block_groups = self.groups // splits if depthwise else self.groups
     outs = []
-    for i in range(splits):
-      xi = (chunks[i] if depthwise else chunks[0]).astype(self.dtype)
+    for i, xi in zip(parts, inputs):
+      xi = xi.astype(self.dtype)
       if k == 1 and self.groups == 1 and pad == 0:
         y = jnp.einsum("...c,cd->...d", xi, kernels[i][0, 0])
       elif k == 3 and depthwise:
@@ -207,9 +212,9 @@ class Conv2d(nn.Module):
       else:
         y = jax.lax.conv_general_dilated(
             xi, kernels[i], (1, 1), ((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=block_groups)
       outs.append(y + biases[i] if self.use_bias else y)
-    return tuple(outs) if splits > 1 else outs[0]
+    return tuple(outs) if len(outs) > 1 else outs[0]
 
 
 class Conv3d(nn.Module):

@@ -54,20 +54,25 @@ class BlockConfig(nn.Module):
   def norm(self, name: str) -> LayerNorm:
     return LayerNorm(self.layer_norm_type, self.dtype, name=name)
 
-  def projected(self, x: jax.Array, features: int, name: str, dw_name: str,
-                splits: int = 1) -> jax.Array | tuple[jax.Array, ...]:
-    """1x1 projection then depthwise 3x3 (the "DConv" of MDTA / GDFN), in `splits` channel blocks.
+  def projection(self, features: int, name: str, dw_name: str, splits: int = 1):
+    """`project(x, part=None)`: 1x1 projection then depthwise 3x3 (the "DConv" of MDTA / GDFN).
 
-    Memory: the blocks (q, k, v...) are computed separately so the wide projection is never live
-    at once; and without biases the 1x1 projection of a zero border is zero, so the (narrower)
-    input is padded instead of the projection.
+    The output channels form `splits` blocks (q, k, v...), each computed on its own; `part=i`
+    computes block i only, so attention can compute v after its affinities and XLA never holds
+    all blocks at once. Without biases the 1x1 projection of a zero border is zero, so the input
+    is padded (in one fusion with the LayerNorm before it) instead of the projection.
     """
-    if self.bias:
-      y = self.conv(features, 1, name, output_splits=splits)(x)
-      return self.conv(features, 3, dw_name, depthwise=True)(y)
-    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = self.conv(features, 1, name, padding=0, output_splits=splits)(x)
-    return self.conv(features, 3, dw_name, depthwise=True, padding=0)(y)
+    padding = None if self.bias else 0
+    pointwise = self.conv(features, 1, name, padding=padding, output_splits=splits)
+    depthwise = self.conv(features, 3, dw_name, depthwise=True, padding=padding,
+                          output_splits=splits)
+
+    def project(x: jax.Array, part: int | None = None) -> jax.Array | tuple[jax.Array, ...]:
+      if not self.bias:
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      return depthwise(pointwise(x, part), part)
+
+    return project
 
   def temperature(self) -> jax.Array:
     """The learnable per-head temperature, shaped to scale (N, heads, c, c) affinities."""
@@ -87,7 +92,7 @@ class FeedForward(BlockConfig):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = int(x.shape[-1] * self.ffn_expansion_factor)
-    a, g = self.projected(x, 2 * hidden, "project_in", "dwconv", splits=2)
+    a, g = self.projection(2 * hidden, "project_in", "dwconv", splits=2)(x)
     return self.conv(x.shape[-1], 1, "project_out")(jax.nn.gelu(a, approximate=False) * g)
 
 
@@ -98,8 +103,10 @@ class Attention(BlockConfig):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     temperature = self.temperature()
-    q, k, v = self.projected(x, 3 * c, "qkv", "qkv_dwconv", splits=3)
-    attn = jax.nn.softmax(temperature * head_affinities(q, k, self.num_heads), axis=-1)
+    qkv = self.projection(3 * c, "qkv", "qkv_dwconv", splits=3)
+    attn = jax.nn.softmax(temperature * head_affinities(qkv(x, 0), qkv(x, 1), self.num_heads),
+                          axis=-1)
+    v = qkv(after(x, attn), 2)  # q and k are dead before v exists
     return self.conv(c, 1, "project_out")(apply_head_attention(attn, v))
 
 
@@ -112,36 +119,43 @@ class CrossAttention(BlockConfig):
     temperature = self.temperature()
     # The reference builds `norm` (always WithBias) but never calls it: create its params only.
     LayerNorm("WithBias", name="norm")(a[:1, :1, :1])
-    q = self.projected(a, c, "q", "q_dwconv")
-    k, v = self.projected(b, 2 * c, "kv", "kv_dwconv", splits=2)
-    attn = jax.nn.softmax(temperature * head_affinities(q, k, self.num_heads), axis=-1)
+    q = self.projection(c, "q", "q_dwconv")(a)
+    kv = self.projection(2 * c, "kv", "kv_dwconv", splits=2)
+    attn = jax.nn.softmax(temperature * head_affinities(q, kv(b, 0), self.num_heads), axis=-1)
+    v = kv(after(b, attn), 1)  # q and k are dead before v exists
     return self.conv(c, 1, "project_out")(apply_head_attention(attn, v))
 
 
 class CoAttention(BlockConfig):
   """Bi-temporal co-attention on (B, T, H, W, C) normalised frames, vectorised over time.
 
-  Key/value maps are computed once per frame, then frame t reads those of frames t-1 and t+1 by
-  shifted indexing (frame 0 is its own previous, frame T-1 its own next), as the reference's
-  per-frame loop does. A = softmax(softmax(tau q k_prev^T) * softmax(tau q k_next^T)) and
-  A v_prev + A v_next is computed as A (v_prev + v_next).
+  Frame t reads the keys/values of frames t-1 and t+1 (frame 0 is its own previous, frame T-1 its
+  own next), as the reference's per-frame loop does. The neighbours are gathered by shifted
+  indexing of the input, which fuses into the padding before the (per-frame) projections. A =
+  softmax(softmax(tau q k_prev^T) * softmax(tau q k_next^T)) and A v_prev + A v_next is computed
+  as A (v_prev + v_next).
   """
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, c = x.shape[0], x.shape[-1]
     temperature = self.temperature()
-    frames = _frames(x)
-    q = self.projected(frames, c, "q", "q_dwconv")
-    k_prev, v_prev = (_frames(_shift_frames(_video(t, batch), -1))
-                      for t in self.projected(frames, 2 * c, "kv_prev", "kv_dwconv_prev", 2))
-    k_next, v_next = (_frames(_shift_frames(_video(t, batch), 1))
-                      for t in self.projected(frames, 2 * c, "kv_next", "kv_dwconv_next", 2))
-    attn_prev = jax.nn.softmax(temperature * head_affinities(q, k_prev, self.num_heads), axis=-1)
-    attn_next = jax.nn.softmax(temperature * head_affinities(q, k_next, self.num_heads), axis=-1)
+    q = self.projection(c, "q", "q_dwconv")(_frames(x))
+    kv_prev = self.projection(2 * c, "kv_prev", "kv_dwconv_prev", splits=2)
+    kv_next = self.projection(2 * c, "kv_next", "kv_dwconv_next", splits=2)
+
+    def neighbours(video, offset):  # Taken at each use: the gather fuses into the pad.
+      return _frames(_shift_frames(video, offset))
+
+    def affinities(k):
+      return jax.nn.softmax(temperature * head_affinities(q, k, self.num_heads), axis=-1)
+
+    attn_prev = affinities(kv_prev(neighbours(x, -1), 0))
+    attn_next = affinities(kv_next(neighbours(after(x, attn_prev), 1), 0))  # one key map at a time
     attn = jax.nn.softmax(attn_prev * attn_next, axis=-1)
-    out = apply_head_attention(attn, v_prev + v_next)
-    return _video(self.conv(c, 1, "project_out")(out), batch)
+    x = after(x, attn)
+    v = kv_prev(neighbours(x, -1), 1) + kv_next(neighbours(x, 1), 1)
+    return _video(self.conv(c, 1, "project_out")(apply_head_attention(attn, v)), batch)
 
 
 class TransformerBlock(BlockConfig):
@@ -180,8 +194,8 @@ class FusionModule(BlockConfig):
   def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
     block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
     query = ir + vi
-    return (ordered_call(block, query, ir, remat=self.remat) +
-            ordered_call(block, query, vi, remat=self.remat))
+    with_ir = ordered_call(block, query, ir, remat=self.remat)
+    return with_ir + ordered_call(block, *after((query, vi), with_ir), remat=self.remat)
 
 
 class CrossModalityDiffEnhance(BlockConfig):
@@ -436,9 +450,10 @@ class VideoFusion(nn.Module):
     def downsample_and_skip(ir_x, vi_x, scale):
       """Scale `scale` (0-based): downsampled IR/VI features and the enhanced fused skip."""
       n = scale + 1
+      # The fusion reads ir_x before vi_x: downsampling around it frees each input early.
       ir_down = stage(Downsample(dt, name=f"down_ir_{n}"), ir_x)
-      vi_down = stage(Downsample(dt, name=f"down_vi_{n}"), vi_x)
       skip = stage(FusionModule(**kwargs(scale), name=f"fusion_{n}"), ir_x, vi_x)
+      vi_down = stage(Downsample(dt, name=f"down_vi_{n}"), vi_x)
       skip = stage(FusionEnhance(**kwargs(scale), num_blocks=self.num_blocks[scale],
                                  name=f"fusion_enhance_{n}"), skip)
       return ir_down, vi_down, skip
