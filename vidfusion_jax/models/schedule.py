@@ -1,0 +1,47 @@
+"""How the networks are scheduled on a backend: the one place that decides.
+
+XLA:CPU's scheduler keeps independent branches and whole backward passes alive at once, so on CPU
+the networks order their work explicitly ("cpu_memory": ordering ties, blocks whose backward runs
+as one unit, CPU-friendly formulations of depthwise convolutions, LayerNorm and 3-D convolutions).
+GPU and TPU schedulers need none of that, and it costs them ops and compile time: there the modules
+are plain `flax.linen` ("plain"), rematerialised by a named `jax.checkpoint` policy.
+
+`config.model.schedule` is "auto" (the default: "cpu_memory" on CPU, "plain" elsewhere),
+"cpu_memory" or "plain". The platform is the one the program is compiled for, which need not be
+the host's (lowering for "cuda" or "tpu" from a CPU machine).
+"""
+
+from typing import Callable
+
+import jax
+
+AUTO = "auto"
+CPU_MEMORY = "cpu_memory"
+PLAIN = "plain"
+SCHEDULES = (AUTO, CPU_MEMORY, PLAIN)
+
+# `config.model.remat_policy` names -> `jax.checkpoint` policies (MaxText's `remat_policy`).
+# "full" saves nothing (everything is recomputed); "dots" keeps matmul/conv outputs without a
+# batch dimension; "dots_with_no_batch_dims" keeps only those without batch dims.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def resolve(schedule: str, platform: str | None = None) -> str:
+  """"cpu_memory" or "plain" for `schedule` on `platform` (default: JAX's default backend)."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"model.schedule must be one of {SCHEDULES}; got {schedule!r}")
+  if schedule != AUTO:
+    return schedule
+  platform = platform or jax.default_backend()
+  return CPU_MEMORY if platform == "cpu" else PLAIN
+
+
+def remat_policy(name: str) -> Callable | None:
+  """The `jax.checkpoint` policy called `name` (see REMAT_POLICIES)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy must be one of {sorted(REMAT_POLICIES)}; got {name!r}")
+  return REMAT_POLICIES[name]
