@@ -1,23 +1,29 @@
 """Converts frame folders, video files or synthetic scenes to TFRecord clip shards.
 
     python -m data_prep m3svd --input ROOT --output OUT [--split train=@train.txt ...]
-    python -m data_prep pairs --ir DIR --vis DIR [--ir-clean DIR --vis-clean DIR] --output OUT
+    python -m data_prep pairs --ir DIR --vis DIR [--ir_clean DIR --vis_clean DIR] --output OUT
     python -m data_prep videos --ir A.mp4 --vis B.mp4 --output OUT
     python -m data_prep synthetic --output OUT
 
 Writes OUT/<split>-NNNNN-of-MMMMM.tfrecord, one `.idx` index per shard and, last,
-OUT/dataset_info.json. Re-running the same command resumes an interrupted conversion. See
-docs/data.md for the record format.
+OUT/dataset_info.json. Re-running the same command resumes an interrupted conversion. Without
+`--runner` the conversion runs on a local process pool (`--workers`); with `--runner=...` it runs
+as an Apache Beam job (the `beam` extra), and every flag that is not one of ours is a Beam
+pipeline option (`--runner=DataflowRunner --project=... --region=...`). Both write the same bytes.
+See docs/data.md for the record format and the Beam command lines.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
+import warnings
 from typing import Sequence
 
+from absl import flags
+
+from data_prep import engines
 from data_prep import sources
 from vidfusion_jax import frames as frames_lib
 from vidfusion_jax.data import synthetic
@@ -26,155 +32,228 @@ from vidfusion_jax.data import writer
 
 DEFAULT_CLIP_LENGTH = 12
 TRAIN_WINDOW = 6
+SOURCES = ("m3svd", "pairs", "videos", "synthetic")
 _STREAM_WORDS = {"lq_ir": "degraded infrared inputs", "lq_vis": "degraded visible inputs",
                  "gt_ir": "clean infrared targets", "gt_vis": "clean visible targets"}
 
-
-def _common_flags(parser: argparse.ArgumentParser, split_help: str) -> None:
-  parser.add_argument("--output", required=True, type=pathlib.Path,
-                      help="output folder for the shards, their indexes and dataset_info.json")
-  parser.add_argument("--split", action="append", default=None, metavar="SPEC", help=split_help)
-  parser.add_argument("--clip-length", type=int, default=DEFAULT_CLIP_LENGTH, metavar="K",
-                      help="frames per record (default: %(default)s)")
-  parser.add_argument("--clip-stride", type=int, default=None, metavar="S",
-                      help=f"first-frame distance of consecutive records (default: K-"
-                           f"{TRAIN_WINDOW - 1}, or K when K<{TRAIN_WINDOW}, so every "
-                           f"{TRAIN_WINDOW}-frame window lies inside a record); the last record "
-                           "of a sequence always ends on its last frame")
-  parser.add_argument("--encoding", choices=("png", "raw"), default="png",
-                      help="frame encoding: png (lossless, small) or raw uint8 (fast to read, "
-                           "large) (default: %(default)s)")
-  parser.add_argument("--records-per-shard", type=int, default=32, metavar="N",
-                      help="records per shard file (default: %(default)s)")
-  parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                      help="conversion processes (default: min(4, CPUs) = %(default)s)")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+# Our own flags, apart from absl's global ones, so that Beam's options pass through untouched.
+FLAGS = flags.FlagValues()
+_SOURCE_FLAGS: dict[str, list[str]] = {source: [] for source in SOURCES}
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m data_prep", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Run `python -m data_prep <source> --help` for the flags of each source.")
-  subparsers = parser.add_subparsers(dest="source", required=True, metavar="<source>")
-
-  m3svd = subparsers.add_parser(
-      "m3svd", help="M3SVD-style root: four stream folders of sequence folders of frames",
-      description="ROOT/<stream folder>/<sequence>/<frame>.png for the four streams; frame "
-                  "names must be identical across the streams of a sequence.")
-  m3svd.add_argument("--input", required=True, type=pathlib.Path, metavar="ROOT",
-                     help="dataset root holding the four stream folders")
-  for stream, folder in sources.M3SVD_FOLDERS.items():
-    m3svd.add_argument(f"--{stream.replace('_', '-')}-dir", default=folder, metavar="NAME",
-                       help=f"folder under ROOT with the {_STREAM_WORDS[stream]} "
-                            "(default: %(default)s)")
-  _common_flags(m3svd, "NAME (every sequence), NAME=SEQ,SEQ,... or NAME=@FILE (one sequence a "
-                       "line); repeat for several splits (default: train)")
-
-  pairs = subparsers.add_parser(
-      "pairs", help="generic IR/VIS frame folders, frames paired by sorted name",
-      description="Each of --ir/--vis is a folder of frames (one sequence) or a folder of "
-                  "sequence folders (matched by folder name). Frames are paired by position in "
-                  "natural-sorted order. Without --ir-clean/--vis-clean the frames are stored as "
-                  "clean targets (gt_ir, gt_vis), and the pipeline synthesises the inputs.")
-  pairs.add_argument("--ir", required=True, type=pathlib.Path, help="infrared frames")
-  pairs.add_argument("--vis", required=True, type=pathlib.Path, help="visible frames")
-  pairs.add_argument("--ir-clean", type=pathlib.Path,
-                     help="clean infrared frames; with it, --ir are the degraded inputs")
-  pairs.add_argument("--vis-clean", type=pathlib.Path,
-                     help="clean visible frames; with it, --vis are the degraded inputs")
-  pairs.add_argument("--name", help="sequence name when the folders hold frames directly "
-                                    "(default: the --ir folder's name)")
-  _common_flags(pairs, "split name (default: train)")
-
-  videos = subparsers.add_parser(
-      "videos", help="paired IR/VIS video files (stored as clean targets)",
-      description="Decodes paired video files with imageio-ffmpeg. Repeat --ir/--vis (paired by "
-                  "order) for several sequences. The frames are stored as clean targets.")
-  videos.add_argument("--ir", required=True, action="append", type=pathlib.Path,
-                      help="infrared video (repeatable)")
-  videos.add_argument("--vis", required=True, action="append", type=pathlib.Path,
-                      help="visible video (repeatable)")
-  videos.add_argument("--name", action="append",
-                      help="sequence name per pair (repeatable; default: the IR file's stem)")
-  _common_flags(videos, "split name (default: train)")
-
-  synth = subparsers.add_parser(
-      "synthetic", help="procedural, seeded IR/VIS scenes with degraded versions",
-      description="Moving warm objects over textured, lit backgrounds, with synthesised "
-                  "degraded inputs: a dataset that needs no download.")
-  synth.add_argument("--num-sequences", type=int, default=4, help="(default: %(default)s)")
-  synth.add_argument("--num-frames", type=int, default=24,
-                     help="frames per sequence (default: %(default)s)")
-  synth.add_argument("--height", type=int, default=128, help="(default: %(default)s)")
-  synth.add_argument("--width", type=int, default=160, help="(default: %(default)s)")
-  synth.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-  synth.add_argument("--clean-only", action="store_true",
-                     help="store only the clean streams gt_ir, gt_vis")
-  _common_flags(synth, "split name (default: train)")
-  return parser
+def _define(define, name: str, default, help_text: str, sources_using: Sequence[str] = SOURCES,
+            **kwargs) -> None:
+  define(name, default, help=help_text, flag_values=FLAGS, **kwargs)
+  for source in sources_using:
+    _SOURCE_FLAGS[source].append(name)
 
 
-def _single_split(args: argparse.Namespace) -> str:
-  if args.split and (len(args.split) > 1 or "=" in args.split[0]):
-    raise ValueError(f"the {args.source} source takes one plain split name, got {args.split}")
-  return args.split[0] if args.split else "train"
+_define(flags.DEFINE_string, "output", None,
+        "output folder for the shards, their indexes and dataset_info.json")
+_define(flags.DEFINE_multi_string, "split", None,
+        "m3svd: NAME (every sequence), NAME=SEQ,SEQ,... or NAME=@FILE (one sequence a line), "
+        "repeat for several splits; other sources: one split name (default: train)")
+_define(flags.DEFINE_integer, "clip_length", DEFAULT_CLIP_LENGTH, "frames per record (K)")
+_define(flags.DEFINE_integer, "clip_stride", None,
+        f"first-frame distance of consecutive records (default: K-{TRAIN_WINDOW - 1}, or K when "
+        f"K<{TRAIN_WINDOW}, so every {TRAIN_WINDOW}-frame window lies inside a record); the last "
+        "record of a sequence always ends on its last frame")
+_define(flags.DEFINE_enum, "encoding", "png", "frame encoding: png (lossless, small) or raw "
+        "uint8 (fast to read, large)", enum_values=["png", "raw"])
+_define(flags.DEFINE_integer, "records_per_shard", 32, "records per shard file")
+_define(flags.DEFINE_integer, "workers", min(4, os.cpu_count() or 1),
+        "conversion processes of the local pool (without --runner)")
+_define(flags.DEFINE_boolean, "progress", True, "show a progress bar (local pool)")
+_define(flags.DEFINE_string, "input", None, "dataset root holding the four stream folders",
+        ["m3svd"])
+for _stream, _folder in sources.M3SVD_FOLDERS.items():
+  _define(flags.DEFINE_string, f"{_stream}_dir", _folder,
+          f"folder under --input with the {_STREAM_WORDS[_stream]}", ["m3svd"])
+_define(flags.DEFINE_multi_string, "ir", None,
+        "pairs: infrared frames (a folder of frames or of sequence folders); videos: infrared "
+        "video (repeatable, paired with --vis by order)", ["pairs", "videos"])
+_define(flags.DEFINE_multi_string, "vis", None, "visible frames or video, as --ir",
+        ["pairs", "videos"])
+_define(flags.DEFINE_multi_string, "name", None,
+        "pairs: sequence name when the folders hold frames directly (default: the --ir folder's "
+        "name); videos: sequence name per pair (default: the IR file's stem)",
+        ["pairs", "videos"])
+_define(flags.DEFINE_string, "ir_clean", None,
+        "clean infrared frames; with it, --ir are the degraded inputs", ["pairs"])
+_define(flags.DEFINE_string, "vis_clean", None,
+        "clean visible frames; with it, --vis are the degraded inputs", ["pairs"])
+_define(flags.DEFINE_integer, "num_sequences", 4, "synthetic sequences", ["synthetic"])
+_define(flags.DEFINE_integer, "num_frames", 24, "frames per sequence", ["synthetic"])
+_define(flags.DEFINE_integer, "height", 128, "frame height", ["synthetic"])
+_define(flags.DEFINE_integer, "width", 160, "frame width", ["synthetic"])
+_define(flags.DEFINE_integer, "seed", 0, "random seed", ["synthetic"])
+_define(flags.DEFINE_boolean, "clean_only", False, "store only the clean streams gt_ir, gt_vis",
+        ["synthetic"])
+
+# The argparse spellings of the previous release, accepted with a warning until the next one.
+DEPRECATED_FLAGS = {f"--{name.replace('_', '-')}": f"--{name}" for name in FLAGS if "_" in name}
+DEPRECATED_FLAGS["--no-progress"] = "--noprogress"
+
+_SOURCE_HELP = {
+    "m3svd": "M3SVD-style root: ROOT/<stream folder>/<sequence>/<frame>.png for the four streams; "
+             "frame names must be identical across the streams of a sequence.",
+    "pairs": "Generic IR/VIS frame folders. Each of --ir/--vis is a folder of frames (one "
+             "sequence) or a folder of sequence folders (matched by folder name); frames are "
+             "paired by natural-sorted position. Without --ir_clean/--vis_clean the frames are "
+             "stored as clean targets and the pipeline synthesises the inputs.",
+    "videos": "Paired IR/VIS video files decoded with imageio-ffmpeg (the `video` extra), stored "
+              "as clean targets.",
+    "synthetic": "Procedural, seeded IR/VIS scenes with degraded versions: a dataset that needs "
+                 "no download.",
+}
 
 
-def _sequences(args: argparse.Namespace) -> dict[str, list[writer.SequenceSource]]:
+class UsageError(ValueError):
+  """A command line that does not fit the chosen source."""
+
+
+def usage(source: str | None = None) -> str:
+  """The help text: every source, or one source and its flags."""
+  if source is None:
+    lines = [__doc__, "Sources:"] + [f"  {s:10s} {_SOURCE_HELP[s]}" for s in SOURCES]
+    lines.append("\nRun `python -m data_prep <source> --help` for the flags of each source.")
+    return "\n".join(lines) + "\n"
+  lines = [f"python -m data_prep {source} [flags] [Beam pipeline options]", "",
+           _SOURCE_HELP[source], "", "Flags:"]
+  for name in _SOURCE_FLAGS[source]:
+    flag = FLAGS[name]
+    default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+    lines.append(f"  --{name}: {flag.help}{default}")
+  lines.append("\nOld hyphenated spellings (--clip-length, --no-progress, ...) still work in "
+               "this release, with a warning.")
+  return "\n".join(lines) + "\n"
+
+
+def _replace_deprecated(args: Sequence[str]) -> list[str]:
+  replaced = []
+  for arg in args:
+    old, sep, value = arg.partition("=")
+    if old in DEPRECATED_FLAGS:
+      warnings.warn(f"{old} is deprecated and goes away in the next release; use "
+                    f"{DEPRECATED_FLAGS[old]}", FutureWarning, stacklevel=3)
+      arg = DEPRECATED_FLAGS[old] + sep + value
+    replaced.append(arg)
+  return replaced
+
+
+def parse(argv: Sequence[str]) -> tuple[str, list[str]]:
+  """Parses our flags into FLAGS; returns the source and the remaining (Beam) arguments."""
+  if not argv or argv[0] not in SOURCES:
+    raise UsageError(f"the first argument must be a source, one of {', '.join(SOURCES)}; "
+                     f"got {argv[0] if argv else 'nothing'} (see --help)")
+  source = argv[0]
+  FLAGS.unparse_flags()
+  try:
+    rest = FLAGS(["data_prep"] + _replace_deprecated(argv[1:]), known_only=True)[1:]
+  except flags.Error as error:
+    raise UsageError(str(error)) from error
+  foreign = sorted(name for name in FLAGS if FLAGS[name].present
+                   and name not in _SOURCE_FLAGS[source])
+  if foreign:
+    raise UsageError(f"the {source} source does not take {', '.join('--' + n for n in foreign)}")
+  if FLAGS.output is None:
+    raise UsageError("--output is required")
+  if rest and not any(arg.startswith("--runner") for arg in rest):
+    raise UsageError(f"unknown arguments {rest}: these are neither data_prep flags nor, without "
+                     "--runner, Beam pipeline options (see --help)")
+  return source, rest
+
+
+def _required(name: str) -> list[str]:
+  if not FLAGS[name].value:
+    raise UsageError(f"--{name} is required")
+  return FLAGS[name].value
+
+
+def _single(name: str) -> str | None:
+  values = FLAGS[name].value or []
+  if len(values) > 1:
+    raise UsageError(f"the pairs source takes one --{name}, got {values}")
+  return values[0] if values else None
+
+
+def _single_split(source: str) -> str:
+  split = FLAGS.split
+  if split and (len(split) > 1 or "=" in split[0]):
+    raise UsageError(f"the {source} source takes one plain split name, got {split}")
+  return split[0] if split else "train"
+
+
+def _sequences(source: str) -> dict[str, list[writer.SequenceSource]]:
   """{split: sequences} for the chosen source, all inputs checked."""
-  if args.source == "m3svd":
-    folders = {s: getattr(args, f"{s}_dir") for s in sources.M3SVD_FOLDERS}
-    return sources.select_splits(sources.m3svd_sequences(args.input, folders),
-                                 args.split or ["train"])
-  split = _single_split(args)
-  if args.source == "pairs":
-    if (args.ir_clean is None) != (args.vis_clean is None):
-      raise ValueError("give both --ir-clean and --vis-clean, or neither")
-    if args.ir_clean is None:
-      folders = {"gt_ir": args.ir, "gt_vis": args.vis}
+  if source == "m3svd":
+    if FLAGS.input is None:
+      raise UsageError("--input is required")
+    folders = {s: FLAGS[f"{s}_dir"].value for s in sources.M3SVD_FOLDERS}
+    return sources.select_splits(sources.m3svd_sequences(pathlib.Path(FLAGS.input), folders),
+                                 FLAGS.split or ["train"])
+  split = _single_split(source)
+  if source == "pairs":
+    ir, vis = _single("ir"), _single("vis")
+    if ir is None or vis is None:
+      raise UsageError("--ir and --vis are required")
+    if (FLAGS.ir_clean is None) != (FLAGS.vis_clean is None):
+      raise UsageError("give both --ir_clean and --vis_clean, or neither")
+    if FLAGS.ir_clean is None:
+      folders = {"gt_ir": ir, "gt_vis": vis}
     else:
-      folders = {"lq_ir": args.ir, "lq_vis": args.vis, "gt_ir": args.ir_clean,
-                 "gt_vis": args.vis_clean}
-    return {split: sources.pair_sequences(folders, args.name)}
-  if args.source == "videos":
-    names = args.name or [path.stem for path in args.ir]
-    if not len(args.ir) == len(args.vis) == len(names):
-      raise ValueError(f"got {len(args.ir)} --ir, {len(args.vis)} --vis and {len(names)} --name "
-                       "values; they are paired by order and must be as many")
+      folders = {"lq_ir": ir, "lq_vis": vis, "gt_ir": FLAGS.ir_clean, "gt_vis": FLAGS.vis_clean}
+    return {split: sources.pair_sequences({s: pathlib.Path(f) for s, f in folders.items()},
+                                          _single("name"))}
+  if source == "videos":
+    irs, viss = [pathlib.Path(p) for p in _required("ir")], [pathlib.Path(p)
+                                                             for p in _required("vis")]
+    names = FLAGS.name or [path.stem for path in irs]
+    if not len(irs) == len(viss) == len(names):
+      raise UsageError(f"got {len(irs)} --ir, {len(viss)} --vis and {len(names)} --name values; "
+                       "they are paired by order and must be as many")
     return {split: [sources.VideoSequence.from_videos(name, {"gt_ir": ir, "gt_vis": vis})
-                    for name, ir, vis in zip(names, args.ir, args.vis)]}
-  streams = ("gt_ir", "gt_vis") if args.clean_only else ("lq_ir", "lq_vis", "gt_ir", "gt_vis")
-  return {split: synthetic.synthetic_sequences(args.num_sequences, args.num_frames, args.height,
-                                               args.width, args.seed, streams)}
+                    for name, ir, vis in zip(names, irs, viss)]}
+  streams = ("gt_ir", "gt_vis") if FLAGS.clean_only else ("lq_ir", "lq_vis", "gt_ir", "gt_vis")
+  return {split: synthetic.synthetic_sequences(FLAGS.num_sequences, FLAGS.num_frames,
+                                               FLAGS.height, FLAGS.width, FLAGS.seed, streams)}
 
 
-def _source_description(args: argparse.Namespace) -> dict:
-  return {"converter": args.source} | {
-      key: (str(value) if isinstance(value, pathlib.Path) else
-            [str(v) for v in value] if isinstance(value, list) else value)
-      for key, value in vars(args).items()
-      if key not in ("source", "output", "workers", "no_progress")}
+def _source_description(source: str) -> dict:
+  """The conversion's inputs and options as recorded in dataset_info.json (not the engine's)."""
+  return {"converter": source} | {
+      name: FLAGS[name].value for name in _SOURCE_FLAGS[source]
+      if name not in ("output", "workers", "progress")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  stride = args.clip_stride or (args.clip_length - TRAIN_WINDOW + 1
-                                if args.clip_length >= TRAIN_WINDOW else args.clip_length)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "--helpshort", "--helpfull"):
+    print(usage())
+    return 0
+  if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+    if argv[0] in SOURCES:
+      print(usage(argv[0]))
+      return 0
   try:
-    split_infos = {
-        split: writer.convert_split(args.output, split, sequences, clip_length=args.clip_length,
-                                    clip_stride=stride, frame_encoding=args.encoding,
-                                    records_per_shard=args.records_per_shard,
-                                    workers=args.workers, progress=not args.no_progress)
-        for split, sequences in _sequences(args).items()}
-    for split, split_info in split_infos.items():  # dataset_info.json last
-      writer.write_dataset_info(args.output, split, split_info, _source_description(args))
-  except (ValueError, FileNotFoundError, frames_lib.FrameReadError,
-          tfrecord.RecordCorruptError) as error:
+    source, pipeline_args = parse(argv)
+    output = pathlib.Path(FLAGS.output)
+    stride = FLAGS.clip_stride or (FLAGS.clip_length - TRAIN_WINDOW + 1
+                                   if FLAGS.clip_length >= TRAIN_WINDOW else FLAGS.clip_length)
+    plans = [writer.plan_split(output, split, sequences, clip_length=FLAGS.clip_length,
+                               clip_stride=stride, frame_encoding=FLAGS.encoding,
+                               records_per_shard=FLAGS.records_per_shard)
+             for split, sequences in _sequences(source).items()]
+    if pipeline_args:
+      engines.run_beam(output, plans, _source_description(source), pipeline_args)
+    else:
+      engines.run_pool(output, plans, _source_description(source), workers=FLAGS.workers,
+                       progress=FLAGS.progress)
+  except (ValueError, FileNotFoundError, frames_lib.FrameReadError, tfrecord.RecordCorruptError,
+          writer.ConversionError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  print(f"wrote {args.output / writer.INFO_FILE}")
+  print(f"wrote {output / writer.INFO_FILE}")
   return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Iterator, Mapping, Sequence
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from vidfusion_jax import frames as frames_lib
+from vidfusion_jax.data import records
 from vidfusion_jax.data import writer
 
 M3SVD_FOLDERS = {"lq_ir": "infrared_noise", "lq_vis": "visible_Blur",
@@ -98,6 +100,28 @@ class FolderSequence(writer.SequenceSource):
         frames.append(frame)
       clip[stream] = np.stack(frames)
     return clip
+
+  def iter_encoded_clips(self, starts: Sequence[int], clip_length: int, frame_encoding: str
+                         ) -> Iterator[dict[str, list[bytes]]]:
+    """Reads each frame file once; PNG files already in the stored layout pass through."""
+
+    @functools.lru_cache(maxsize=clip_length)  # the frames shared with the next clip
+    def stored(index: int) -> dict[str, bytes]:
+      if frame_encoding != "png":
+        return {s: records.encode_frame(f[0], frame_encoding)
+                for s, f in self.read_frames(index, 1).items()}
+      frames = {}
+      for stream, paths in self.files.items():
+        try:
+          data = paths[index].read_bytes()
+        except OSError as error:
+          raise frames_lib.FrameReadError(f"cannot read image {paths[index]}: {error}") from error
+        frames[stream] = records.stored_png(data, str(paths[index]), (self.height, self.width))
+      return frames
+
+    for start in starts:
+      clip = [stored(index) for index in range(start, start + clip_length)]
+      yield {s: [frame[s] for frame in clip] for s in self.streams}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ from vidfusion_jax import frames as frames_lib
 # Degraded inputs (lq) and clean targets (gt) of both modalities, in a fixed order.
 STREAMS = ("lq_ir", "lq_vis", "gt_ir", "gt_vis")
 ENCODINGS = ("png", "raw")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_GRAY, _PNG_RGB = 0, 2  # IHDR colour types
 _HEADER_FEATURES = {"sequence": ((), np.object_), "first_frame": ((), np.int64),
                     "num_frames": ((), np.int64), "height": ((), np.int64),
                     "width": ((), np.int64), "frame_encoding": ((), np.object_)}
@@ -43,16 +45,43 @@ def feature_spec(streams: Sequence[str], clip_length: int) -> dict[str, dict]:
           for name, info in _tensor_infos(streams, clip_length).items()}
 
 
+def _is_gray(frame: np.ndarray) -> bool:
+  return bool(np.array_equal(frame[..., 0], frame[..., 1])
+              and np.array_equal(frame[..., 1], frame[..., 2]))
+
+
 def _encode_png(frame: np.ndarray) -> bytes:
   """PNG of an RGB frame; a frame with three equal channels (infrared) as a gray PNG.
 
   Lossless either way (decoding promotes gray to three equal channels), and a gray PNG is about
   3x smaller and 2x faster to decode.
   """
-  if np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1],
-                                                                      frame[..., 2]):
-    return frames_lib.encode_png(frame[..., 0])
-  return frames_lib.encode_png(frame)
+  return frames_lib.encode_png(frame[..., 0] if _is_gray(frame) else frame)
+
+
+def encode_frame(frame: np.ndarray, frame_encoding: str) -> bytes:
+  """The stored bytes of one uint8 (H, W, 3) frame."""
+  if frame_encoding == "png":
+    return _encode_png(frame)
+  return np.ascontiguousarray(frame).tobytes()
+
+
+def stored_png(data: bytes, name: str, size: tuple[int, int]) -> bytes:
+  """The stored PNG of an image file's bytes, passed through unchanged when possible.
+
+  The file is decoded to verify it (readable, `size` = (height, width)). An 8-bit PNG that
+  already has the stored layout (gray for three equal channels, else RGB) is returned as it is,
+  so its pixels are not encoded again; any other image is re-encoded.
+  """
+  frame = frames_lib.decode_frame(data, name)
+  if frame.shape[:2] != tuple(size):
+    raise ValueError(f"frame size mismatch: {name} is {frame.shape[1]}x{frame.shape[0]}, "
+                     f"expected {size[1]}x{size[0]}")
+  gray = _is_gray(frame)
+  is_png = data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR"
+  if is_png and data[24] == 8 and data[25] == (_PNG_GRAY if gray else _PNG_RGB):
+    return data
+  return _encode_png(frame)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +144,19 @@ class ClipCodec:
       if array.dtype != np.uint8 or array.shape != shape or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"stream {stream} of clip {sequence}@{first_frame}: expected uint8 "
                          f"{shape} with 3 channels, got {array.dtype} {array.shape}")
-    encode = _encode_png if frame_encoding == "png" else np.ndarray.tobytes
+    return self.serialize(sequence, first_frame, shape[1], shape[2], frame_encoding,
+                          {s: [encode_frame(f, frame_encoding) for f in clip[s]]
+                           for s in self.streams})
+
+  def serialize(self, sequence: str, first_frame: int, height: int, width: int,
+                frame_encoding: str, encoded: Mapping[str, Sequence[bytes]]) -> bytes:
+    """Serialises a clip whose K frames per stream are already encoded."""
     example = {"sequence": sequence.encode(), "first_frame": first_frame,
-               "num_frames": self.clip_length, "height": shape[1], "width": shape[2],
+               "num_frames": self.clip_length, "height": height, "width": width,
                "frame_encoding": frame_encoding.encode()}
-    example.update({s: [encode(np.ascontiguousarray(f)) for f in clip[s]] for s in self.streams})
-    return self._serializer.serialize_example(example)
+    example.update({s: list(encoded[s]) for s in self.streams})
+    # Deterministic: the feature map in key order, not in an order that varies between processes.
+    return self._serializer.get_tf_example(example).SerializeToString(deterministic=True)
 
   def parse(self, data: bytes) -> Clip:
     """Parses a record; frames stay encoded, and are copied out of the proto only when used."""

@@ -51,6 +51,34 @@ class SequenceSource(abc.ABC):
     for start in starts:
       yield self.read_frames(start, clip_length)
 
+  def iter_encoded_clips(self, starts: Sequence[int], clip_length: int, frame_encoding: str
+                         ) -> Iterator[dict[str, list[bytes]]]:
+    """Clips at increasing `starts` as {stream: K stored frames}.
+
+    A frame shared by overlapping clips is encoded once. Sources that can read single frames
+    override this to read each frame once, too.
+    """
+    encoded: dict[int, dict[str, bytes]] = {}  # frame index -> {stream: stored bytes}
+    for start, clip in zip(starts, self.iter_clips(starts, clip_length)):
+      encoded = {index: frame for index, frame in encoded.items() if index >= start}
+      for offset in range(clip_length):
+        if start + offset not in encoded:
+          encoded[start + offset] = {s: _checked_encode(self, clip[s][offset], frame_encoding)
+                                     for s in self.streams}
+      yield {s: [encoded[i][s] for i in range(start, start + clip_length)]
+             for s in self.streams}
+
+
+class ConversionError(RuntimeError):
+  """A sequence that failed to convert; the message names the sequence and the shard."""
+
+
+def _checked_encode(source: SequenceSource, frame: np.ndarray, frame_encoding: str) -> bytes:
+  if frame.dtype != np.uint8 or frame.shape != (source.height, source.width, 3):
+    raise ValueError(f"sequence {source.name}: expected uint8 frames of shape "
+                     f"{(source.height, source.width, 3)}, got {frame.dtype} {frame.shape}")
+  return records.encode_frame(frame, frame_encoding)
+
 
 def clip_starts(num_frames: int, clip_length: int, clip_stride: int) -> list[int]:
   """First frames of the clips of a sequence; the last clip ends on the last frame."""
@@ -111,7 +139,11 @@ def _verify_shard(task: _ShardTask) -> dict | None:
           "sha256": tfrecord.file_sha256(task.path)}
 
 
-def _write_shard(task: _ShardTask) -> dict:
+def write_shard(task: _ShardTask) -> dict:
+  """Writes one planned shard (or verifies the one already there) and returns its summary.
+
+  Errors while reading a sequence are raised as `ConversionError` naming the sequence.
+  """
   summary = _verify_shard(task)
   if summary is not None:
     return summary | {"resumed": True}
@@ -120,8 +152,14 @@ def _write_shard(task: _ShardTask) -> dict:
     for seq in sorted({seq for seq, _ in task.clips}):
       source = task.sequences[seq]
       starts = [start for s, start in task.clips if s == seq]
-      for start, clip in zip(starts, source.iter_clips(starts, task.clip_length)):
-        writer.write(codec.encode(source.name, start, clip, task.frame_encoding))
+      try:
+        for start, encoded in zip(starts, source.iter_encoded_clips(starts, task.clip_length,
+                                                                    task.frame_encoding)):
+          writer.write(codec.serialize(source.name, start, source.height, source.width,
+                                       task.frame_encoding, encoded))
+      except Exception as error:
+        raise ConversionError(f"sequence {source.name} failed in shard {task.path.name}: "
+                              f"{type(error).__name__}: {error}") from error
     return writer.commit() | {"resumed": False}
 
 
@@ -143,12 +181,44 @@ def _check_sequences(sequences: Sequence[SequenceSource], clip_length: int) -> t
   return streams
 
 
-def convert_split(output_dir: str | os.PathLike, split: str,
-                  sequences: Sequence[SequenceSource], *, clip_length: int,
-                  clip_stride: int | None = None, frame_encoding: str = "png",
-                  records_per_shard: int = 32, workers: int = 1,
-                  progress: bool = True) -> dict[str, Any]:
-  """Writes (or completes) the shards of one split and returns its `dataset_info` entry."""
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+  """The shards of one split, planned from its sequences before anything is written."""
+  split: str
+  sequences: tuple[SequenceSource, ...]
+  tasks: tuple[_ShardTask, ...]
+  clip_length: int
+  clip_stride: int
+  frame_encoding: str
+  streams: tuple[str, ...]
+
+  def info(self, summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The split's `dataset_info` entry from the summaries of its shards, in shard order."""
+    return {
+        "num_records": sum(len(t.clips) for t in self.tasks),
+        "num_frames": sum(s.num_frames for s in self.sequences),
+        "num_sequences": len(self.sequences),
+        "sequences": {s.name: {"num_frames": s.num_frames, "height": s.height, "width": s.width}
+                      for s in self.sequences},
+        "shards": [{"file": t.path.name, "index_file": tfrecord.index_path(t.path).name,
+                    "num_records": s["num_records"], "num_bytes": s["num_bytes"],
+                    "sha256": s["sha256"]} for t, s in zip(self.tasks, summaries)],
+        "clip_length": self.clip_length,
+        "clip_stride": self.clip_stride,
+        "frame_encoding": self.frame_encoding,
+        "streams": list(self.streams),
+    }
+
+
+def plan_split(output_dir: str | os.PathLike, split: str, sequences: Sequence[SequenceSource],
+               *, clip_length: int, clip_stride: int | None = None, frame_encoding: str = "png",
+               records_per_shard: int = 32) -> SplitPlan:
+  """Checks a split's options and sequences and plans its shards.
+
+  Clip-to-shard assignment and record order are functions of the inputs only: clips in sequence
+  order, dealt `records_per_shard` at a time. Creates the output folder and removes temporary
+  files of earlier, interrupted runs.
+  """
   if not _SPLIT_NAME.match(split):
     raise ValueError(f"split name {split!r} must use only letters, digits, '_' and '.'")
   if frame_encoding not in records.ENCODINGS:
@@ -173,21 +243,25 @@ def convert_split(output_dir: str | os.PathLike, split: str,
                        plan[k * records_per_shard:(k + 1) * records_per_shard], sequences,
                        streams, clip_length, frame_encoding)
            for k in range(num_shards)]
-  summaries = _run_tasks(tasks, workers, progress, desc=f"{split}")
-  return {
-      "num_records": len(plan),
-      "num_frames": sum(s.num_frames for s in sequences),
-      "num_sequences": len(sequences),
-      "sequences": {s.name: {"num_frames": s.num_frames, "height": s.height, "width": s.width}
-                    for s in sequences},
-      "shards": [{"file": t.path.name, "index_file": tfrecord.index_path(t.path).name,
-                  "num_records": s["num_records"], "num_bytes": s["num_bytes"],
-                  "sha256": s["sha256"]} for t, s in zip(tasks, summaries)],
-      "clip_length": clip_length,
-      "clip_stride": clip_stride,
-      "frame_encoding": frame_encoding,
-      "streams": list(streams),
-  }
+  return SplitPlan(split, tuple(sequences), tuple(tasks), clip_length, clip_stride,
+                   frame_encoding, streams)
+
+
+def convert_split(output_dir: str | os.PathLike, split: str,
+                  sequences: Sequence[SequenceSource], *, clip_length: int,
+                  clip_stride: int | None = None, frame_encoding: str = "png",
+                  records_per_shard: int = 32, workers: int = 1,
+                  progress: bool = True) -> dict[str, Any]:
+  """Writes (or completes) the shards of one split on a process pool; returns its info entry."""
+  plan = plan_split(output_dir, split, sequences, clip_length=clip_length,
+                    clip_stride=clip_stride, frame_encoding=frame_encoding,
+                    records_per_shard=records_per_shard)
+  return plan.info(write_split(plan, workers, progress))
+
+
+def write_split(plan: SplitPlan, workers: int = 1, progress: bool = True) -> list[dict]:
+  """Writes a planned split's shards on a pool of `workers` processes; returns their summaries."""
+  return _run_tasks(list(plan.tasks), workers, progress, desc=plan.split)
 
 
 def _run_tasks(tasks: list[_ShardTask], workers: int, progress: bool, desc: str) -> list[dict]:
@@ -197,12 +271,12 @@ def _run_tasks(tasks: list[_ShardTask], workers: int, progress: bool, desc: str)
   with bar:
     if workers <= 1:
       for i, task in enumerate(tasks):
-        results[i] = _write_shard(task)
+        results[i] = write_shard(task)
         bar.update(len(task.clips))
       return results
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      futures = {pool.submit(_write_shard, task): i for i, task in enumerate(tasks)}
+      futures = {pool.submit(write_shard, task): i for i, task in enumerate(tasks)}
       try:
         for future in concurrent.futures.as_completed(futures):
           results[futures[future]] = future.result()
