@@ -10,9 +10,13 @@ machine, or Dataflow, Flink and Spark across many.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 from vidfusion_jax.data import writer
+
+_CONVERSION_ERROR = re.compile(r"ConversionError: (sequence .*?)(?: \[while running .*\])?$",
+                               re.MULTILINE)
 
 
 def finish(output_dir, plans: Sequence[writer.SplitPlan],
@@ -62,10 +66,16 @@ def run_beam(output_dir, plans: Sequence[writer.SplitPlan], source: Mapping[str,
     raise ImportError("--runner needs Apache Beam: pip install 'vidfusion-jax[beam]'") from error
   shards = [(plan.split, k, task) for plan in plans for k, task in enumerate(plan.tasks)]
   options = pipeline_options.PipelineOptions(list(pipeline_args))
-  with beam.Pipeline(options=options) as pipeline:
-    _ = (pipeline
-         | "PlanShards" >> beam.Create(shards)
-         | "Spread" >> beam.Reshuffle()
-         | "WriteShard" >> beam.Map(_write_shard)
-         | "Collect" >> beam.combiners.ToList()
-         | "WriteDatasetInfo" >> beam.Map(_finish_job, output_dir, plans, source))
+  try:
+    with beam.Pipeline(options=options) as pipeline:
+      _ = (pipeline
+           | "PlanShards" >> beam.Create(shards)
+           | "Spread" >> beam.Reshuffle()
+           | "WriteShard" >> beam.Map(_write_shard)
+           | "Collect" >> beam.combiners.ToList()
+           | "WriteDatasetInfo" >> beam.Map(_finish_job, output_dir, plans, source))
+  except Exception as error:  # runners wrap worker errors, often as a traceback in a string
+    named = _CONVERSION_ERROR.findall(f"{type(error).__name__}: {error}")
+    if not named:
+      raise
+    raise writer.ConversionError(f"the Beam job failed: {named[-1]}") from error
