@@ -6,7 +6,10 @@ import pathlib
 import re
 import shutil
 import struct
+import subprocess
+import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -63,9 +66,9 @@ def mini_root(shared, tmp_path_factory):
 @pytest.fixture(scope="module", params=["png", "raw"])
 def converted(request, mini_root, tmp_path_factory):
   output = tmp_path_factory.mktemp(f"m3svd_{request.param}")
-  code = cli.main(["m3svd", "--input", str(mini_root), "--output", str(output), "--clip-length",
-                   "3", "--clip-stride", "3", "--encoding", request.param,
-                   "--records-per-shard", "3", "--no-progress",
+  code = cli.main(["m3svd", "--input", str(mini_root), "--output", str(output), "--clip_length",
+                   "3", "--clip_stride", "3", "--encoding", request.param,
+                   "--records_per_shard", "3", "--noprogress",
                    "--workers", "2" if request.param == "png" else "1",
                    "--split", "train=0111_1716,0115_1831"])
   assert code == 0
@@ -167,8 +170,8 @@ def _tiny_m3svd(root: pathlib.Path, frames: int = 4) -> pathlib.Path:
 
 
 def _convert_m3svd(root, output, capsys):
-  code = cli.main(["m3svd", "--input", str(root), "--output", str(output), "--clip-length", "2",
-                   "--workers", "1", "--no-progress"])
+  code = cli.main(["m3svd", "--input", str(root), "--output", str(output), "--clip_length", "2",
+                   "--workers", "1", "--noprogress"])
   return code, capsys.readouterr().err
 
 
@@ -245,8 +248,8 @@ def test_pairs_and_clean_only_layout(tmp_path, capsys):
     for sequence in ("day", "night"):
       _write_frames(tmp_path / stream / sequence, 3, seed=seed + len(sequence))
   code = cli.main(["pairs", "--ir", str(tmp_path / "ir"), "--vis", str(tmp_path / "vis"),
-                   "--output", str(tmp_path / "out"), "--clip-length", "2", "--workers", "1",
-                   "--encoding", "raw", "--no-progress", "--split", "test"])
+                   "--output", str(tmp_path / "out"), "--clip_length", "2", "--workers", "1",
+                   "--encoding", "raw", "--noprogress", "--split", "test"])
   assert code == 0, capsys.readouterr().err
   info = data.read_dataset_info(tmp_path / "out")
   assert info["streams"] == ["gt_ir", "gt_vis"]
@@ -270,9 +273,9 @@ def test_videos_round_trip(tmp_path, capsys):
         video.write(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
     clips[stream] = np.stack(list(frames_lib.iter_frames(tmp_path / f"{stream}.mp4")))
   code = cli.main(["videos", "--ir", str(tmp_path / "ir.mp4"), "--vis", str(tmp_path / "vis.mp4"),
-                   "--name", "walk", "--output", str(tmp_path / "out"), "--clip-length", "2",
-                   "--clip-stride", "2", "--records-per-shard", "2", "--workers", "1",
-                   "--no-progress"])
+                   "--name", "walk", "--output", str(tmp_path / "out"), "--clip_length", "2",
+                   "--clip_stride", "2", "--records_per_shard", "2", "--workers", "1",
+                   "--noprogress"])
   assert code == 0, capsys.readouterr().err
   (name, frames), = data.iter_sequences(tmp_path / "out", "train")
   assert name == "walk" and data.read_dataset_info(tmp_path / "out")["splits"]["train"][
@@ -283,22 +286,20 @@ def test_videos_round_trip(tmp_path, capsys):
     for frame in clips["vis"][:4]:
       video.write(frame)
   code = cli.main(["videos", "--ir", str(tmp_path / "ir.mp4"), "--vis", str(tmp_path / "short.mp4"),
-                   "--output", str(tmp_path / "bad"), "--workers", "1", "--no-progress"])
+                   "--output", str(tmp_path / "bad"), "--workers", "1", "--noprogress"])
   assert code == 2
   assert "frame count mismatch: " in capsys.readouterr().err
 
 
 def test_tensorflow_is_never_imported(tmp_path):
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   script = (
       "import sys\n"
       "from data_prep import __main__ as cli\n"
       "from vidfusion_jax import data\n"
-      f"assert cli.main(['synthetic', '--output', {str(tmp_path)!r}, '--num-sequences', '1',"
-      " '--num-frames', '6', '--clip-length', '6', '--height', '16', '--width', '16',"
+      f"assert cli.main(['synthetic', '--output', {str(tmp_path)!r}, '--num_sequences', '1',"
+      " '--num_frames', '6', '--clip_length', '6', '--height', '16', '--width', '16',"
       " '--workers', '1',"
-      " '--no-progress']) == 0\n"
+      " '--noprogress']) == 0\n"
       f"batch = next(data.make_train_iterator({str(tmp_path)!r}, global_batch_size=1,"
       " crop_size=8, process_index=0, process_count=1))\n"
       "assert batch['gt_ir'].shape == (1, 6, 8, 8, 3)\n"
@@ -328,15 +329,15 @@ def test_second_split_must_match_the_first(tmp_path, capsys):
   data.make_synthetic_dataset(tmp_path, num_sequences=1, num_frames=4, height=8, width=8,
                               clip_length=2)
   before = sorted(p.name for p in tmp_path.iterdir())
-  code = cli.main(["synthetic", "--output", str(tmp_path), "--split", "val", "--num-sequences",
-                   "1", "--num-frames", "4", "--height", "8", "--width", "8", "--clip-length",
-                   "3", "--workers", "1", "--no-progress"])
+  code = cli.main(["synthetic", "--output", str(tmp_path), "--split", "val", "--num_sequences",
+                   "1", "--num_frames", "4", "--height", "8", "--width", "8", "--clip_length",
+                   "3", "--workers", "1", "--noprogress"])
   assert code == 2
   assert "has clip_length=2 but this conversion uses 3" in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == before
-  code = cli.main(["synthetic", "--output", str(tmp_path), "--split", "val", "--num-sequences",
-                   "1", "--num-frames", "4", "--height", "8", "--width", "8", "--clip-length",
-                   "2", "--workers", "1", "--no-progress"])
+  code = cli.main(["synthetic", "--output", str(tmp_path), "--split", "val", "--num_sequences",
+                   "1", "--num_frames", "4", "--height", "8", "--width", "8", "--clip_length",
+                   "2", "--workers", "1", "--noprogress"])
   assert code == 0
   assert sorted(data.read_dataset_info(tmp_path)["splits"]) == ["train", "val"]
 
@@ -361,3 +362,89 @@ def test_records_parse_with_the_declared_feature_spec(tmp_path):
     for stream in records.STREAMS:
       frames = np.stack([np.frombuffer(b, np.uint8).reshape(8, 12, 3) for b in parsed[stream]])
       np.testing.assert_array_equal(frames, clip[stream][first:first + 3])
+
+
+@pytest.mark.parametrize("converted", ["png"], indirect=True)
+def test_png_frames_in_the_stored_layout_pass_through(converted, mini_root):
+  """Visible RGB PNGs are stored as the source files; infrared (equal channels) as gray PNGs."""
+  info = data.read_dataset_info(converted)
+  codec = records.ClipCodec(info["streams"], 3)
+  path = converted / info["splits"]["train"]["shards"][0]["file"]
+  clip = codec.parse(next(tfrecord.iter_records(path))[1])
+  source_files = {s: frames_lib.list_frame_files(mini_root / M3SVD_STREAMS[s] / clip.sequence)
+                  for s in records.STREAMS}
+  for stream in ("lq_vis", "gt_vis"):
+    assert list(clip.encoded[stream]) == [p.read_bytes() for p in source_files[stream][:3]]
+  for stream in ("lq_ir", "gt_ir"):
+    for item, source in zip(clip.encoded[stream], source_files[stream]):
+      assert item[25] == 0 and source.read_bytes()[25] == 2  # IHDR colour type: gray, RGB
+      np.testing.assert_array_equal(frames_lib.decode_frame(item),
+                                    frames_lib.read_frame(source))
+
+
+def test_stored_png_reencodes_other_layouts():
+  rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+  gray = np.repeat(rgb[..., :1], 3, -1)
+  rgb_png, gray_png = frames_lib.encode_png(rgb), frames_lib.encode_png(gray[..., 0])
+  assert records.stored_png(rgb_png, "a", (4, 5)) is rgb_png
+  assert records.stored_png(gray_png, "b", (4, 5)) is gray_png
+  stored = records.stored_png(frames_lib.encode_png(gray), "c", (4, 5))  # RGB PNG, equal channels
+  assert stored == gray_png
+  rgba = np.concatenate([rgb[..., ::-1], np.full((4, 5, 1), 255, np.uint8)], -1)
+  assert records.stored_png(cv2.imencode(".png", rgba)[1].tobytes(), "d", (4, 5)) == rgb_png
+  with pytest.raises(ValueError, match=r"frame size mismatch: e is 5x4, expected 6x4"):
+    records.stored_png(rgb_png, "e", (4, 6))
+
+
+def test_records_are_the_same_bytes_in_every_process(tmp_path):
+  """Serialisation does not depend on the process (protobuf map order, hash seeds)."""
+  script = ("from data_prep import __main__ as cli; import sys; sys.exit(cli.main(["
+            "'synthetic', '--output', sys.argv[1], '--num_sequences', '1', '--num_frames', '4',"
+            " '--height', '8', '--width', '8', '--clip_length', '2', '--noprogress']))")
+  for seed in ("1", "2"):
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True,
+                   env=os.environ | {"PYTHONHASHSEED": seed}, capture_output=True)
+  assert ((tmp_path / "1" / "train-00000-of-00001.tfrecord").read_bytes()
+          == (tmp_path / "2" / "train-00000-of-00001.tfrecord").read_bytes())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["m3svd", "--help"], ["synthetic", "--help"]])
+def test_help(argv, capsys):
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  if len(argv) == 1:
+    assert all(source in out for source in cli.SOURCES) and "--runner" in out
+  else:
+    flags_shown = set(re.findall(r"^  --(\w+):", out, re.MULTILINE))
+    assert flags_shown == set(cli._SOURCE_FLAGS[argv[0]])  # pylint: disable=protected-access
+    assert ("--input" in out) == (argv[0] == "m3svd") and ("--seed" in out) == (
+        argv[0] == "synthetic")
+
+
+def test_old_flag_spellings_warn_and_work(tmp_path, capsys):
+  common = ["--num_sequences", "1", "--num_frames", "4", "--height", "8", "--width", "8"]
+  assert cli.main(["synthetic", "--output", str(tmp_path / "new"), "--clip_length", "2",
+                   "--noprogress", *common]) == 0
+  with pytest.warns(FutureWarning) as warned:
+    assert cli.main(["synthetic", "--output", str(tmp_path / "old"), "--clip-length=2",
+                     "--no-progress", *common]) == 0
+  assert [str(w.message) for w in warned] == [
+      "--clip-length is deprecated and goes away in the next release; use --clip_length",
+      "--no-progress is deprecated and goes away in the next release; use --noprogress"]
+  capsys.readouterr()
+  assert ((tmp_path / "new" / writer.INFO_FILE).read_text()
+          == (tmp_path / "old" / writer.INFO_FILE).read_text())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["m3svd", "--output", "o", "--input", "i", "--seed", "3"],
+     "the m3svd source does not take --seed"),
+    (["synthetic", "--output", "o", "--clip_lenght", "3"],
+     r"unknown arguments \['--clip_lenght', '3'\]"),
+    (["synthetic", "--output", "o", "--clip_length", "three"], "--clip_length=three"),
+    (["nonsense", "--output", "o"], "the first argument must be a source"),
+    (["synthetic"], "--output is required"),
+])
+def test_bad_command_lines_are_named(argv, message, capsys):
+  assert cli.main(argv) == 2
+  assert re.search(message, capsys.readouterr().err)
