@@ -1,7 +1,10 @@
 """Conversion as an Apache Beam job: the same bytes as the local pool, and the same faults."""
 
+import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +110,22 @@ def test_failed_job_names_the_sequence_and_its_rerun_completes(shared, tmp_path,
   assert _convert(root, out, BEAM_IN_PROCESS, *options) == 0
   assert _files(out) == reference  # complete, no duplicates, the same bytes
   assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # verified, not redone
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_benchmark_quick(shared, tmp_path):
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "data_prep.py"
+  result = subprocess.run([sys.executable, str(script), "--quick", "--data_root",
+                           str(shared("data/m3svd_mini")), "--work_dir", str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  runs = {line["engine"]: line for line in lines if "engine" in line}
+  assert sorted(runs) == ["beam, 1 worker", "pool, 1 worker"]
+  for run in runs.values():  # 2 sequences x 4 frames
+    assert run["frames"] == 8 and run["quick"]
+    assert abs(run["frames_per_s"] * run["seconds"] - 8) < 0.1
+  (stages,) = [line["stage_ms_per_frame"] for line in lines if "stage_ms_per_frame" in line]
+  assert sorted(stages) == ["crc", "decode", "encode", "read", "write"]
+  assert all(ms >= 0 for ms in stages.values()) and stages["decode"] > 0
