@@ -3,8 +3,9 @@
 A conversion is planned before anything is written: every sequence is cut into clips of K frames
 (starts 0, S, 2S, ... and, when the last clip would be short, one more clip ending on the last
 frame), the clips are dealt in order into shards of `records_per_shard`, and each shard is one
-task for a pool of processes. Shards are written under temporary names and renamed when complete;
-a re-run verifies the shards already present (every CRC, the index, and each record's sequence and
+task (`write_shard`) for a pool of processes or a Beam worker (data_prep/engines.py): the plan
+alone decides each shard's bytes. Shards are written under temporary names and renamed when
+complete; a re-run verifies the shards already present (every CRC, the index, and each record's sequence and
 first frame against the plan) and writes only the missing ones. `dataset_info.json` is written last.
 """
 
