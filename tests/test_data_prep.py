@@ -394,6 +394,14 @@ def test_stored_png_reencodes_other_layouts():
   assert records.stored_png(cv2.imencode(".png", rgba)[1].tobytes(), "d", (4, 5)) == rgb_png
   with pytest.raises(ValueError, match=r"frame size mismatch: e is 5x4, expected 6x4"):
     records.stored_png(rgb_png, "e", (4, 6))
+  tall = np.repeat(np.random.default_rng(1).integers(0, 256, (20, 6, 1), dtype=np.uint8), 3, -1)
+  tall[-1, -1] = (1, 2, 3)  # unequal channels only in the last row: stays RGB
+  tall_png = frames_lib.encode_png(tall)
+  assert records.stored_png(tall_png, "f", (20, 6)) is tall_png
+  idat = rgb_png.index(b"IDAT")
+  corrupt = rgb_png[:idat + 6] + bytes([rgb_png[idat + 6] ^ 1]) + rgb_png[idat + 7:]
+  with pytest.raises(frames_lib.FrameReadError, match="cannot decode image g"):
+    records.stored_png(corrupt, "g", (4, 5))  # a CRC error: not passed through
 
 
 def test_records_are_the_same_bytes_in_every_process(tmp_path):

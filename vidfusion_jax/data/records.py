@@ -11,6 +11,8 @@ every stream out of the proto); TensorFlow itself is never imported.
 from __future__ import annotations
 
 import dataclasses
+import struct
+import zlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -66,13 +68,64 @@ def encode_frame(frame: np.ndarray, frame_encoding: str) -> bytes:
   return np.ascontiguousarray(frame).tobytes()
 
 
+def _png_in_stored_layout(data: bytes) -> tuple[int, int] | None:
+  """(height, width) of a PNG that is complete, intact and in the stored layout, else None.
+
+  Checks every chunk's CRC, inflates the pixel data (zlib checks its own checksum) and checks its
+  size and filter types: what a decoder would check, without unfiltering and colour conversion.
+  An RGB PNG is in the stored layout when some pixel has unequal channels; PNG filters act on
+  each channel alike, so that is visible in the filtered bytes. Anything unusual gives None.
+  """
+  if data[:8] != _PNG_SIGNATURE:
+    return None
+  header, idat, pos, kind = None, [], 8, b""
+  while pos + 12 <= len(data) and kind != b"IEND":
+    length, kind = struct.unpack_from(">I4s", data, pos)
+    end = pos + 8 + length
+    if end + 4 > len(data) or zlib.crc32(data[pos + 4:end]) != struct.unpack_from(
+        ">I", data, end)[0]:
+      return None
+    if kind == b"IHDR" and length == 13:
+      header = struct.unpack_from(">IIBBBBB", data, pos + 8)
+    elif kind == b"IDAT":
+      idat.append(data[pos + 8:end])
+    pos = end + 4
+  if header is None or kind != b"IEND":
+    return None
+  width, height, depth, colour, _, _, interlace = header
+  if depth != 8 or colour not in (_PNG_GRAY, _PNG_RGB) or interlace:
+    return None
+  row = 1 + (3 if colour == _PNG_RGB else 1) * width
+  stream = b"".join(idat)
+  if colour == _PNG_RGB and _is_gray_rows(zlib.decompressobj().decompress(stream, 8 * row), row):
+    return None  # a gray frame stored as RGB (infrared): re-encoded as gray
+  try:
+    pixels = zlib.decompress(stream)
+  except zlib.error:
+    return None
+  if len(pixels) != height * row:
+    return None
+  rows = np.frombuffer(pixels, np.uint8).reshape(height, row)
+  if (rows[:, 0] > 4).any() or (colour == _PNG_RGB and _is_gray_rows(pixels, row)):
+    return None
+  return height, width
+
+
+def _is_gray_rows(pixels: bytes, row: int) -> bool:
+  """Whether the whole RGB rows in filtered PNG pixel data have three equal channels."""
+  rows = np.frombuffer(pixels[:len(pixels) // row * row], np.uint8).reshape(-1, row)
+  return _is_gray(rows[:, 1:].reshape(len(rows), -1, 3))
+
+
 def stored_png(data: bytes, name: str, size: tuple[int, int]) -> bytes:
   """The stored PNG of an image file's bytes, passed through unchanged when possible.
 
-  The file is decoded to verify it (readable, `size` = (height, width)). An 8-bit PNG that
-  already has the stored layout (gray for three equal channels, else RGB) is returned as it is,
-  so its pixels are not encoded again; any other image is re-encoded.
+  An 8-bit PNG that already has the stored layout (gray for three equal channels, else RGB) and
+  the sequence's `size` = (height, width) is returned as it is, verified but not encoded again;
+  any other image is decoded (which names an unreadable file) and encoded.
   """
+  if _png_in_stored_layout(data) == tuple(size):
+    return data
   frame = frames_lib.decode_frame(data, name)
   if frame.shape[:2] != tuple(size):
     raise ValueError(f"frame size mismatch: {name} is {frame.shape[1]}x{frame.shape[0]}, "
