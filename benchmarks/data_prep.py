@@ -8,10 +8,12 @@ One frame is one time step of all four streams. Each engine converts the M3SVD-l
 fresh folder (PNG records, K=12, default stride) with `python -m data_prep m3svd ...` in a fresh
 Python process, timed from after the imports: the time includes starting the pool's processes or
 the Beam job and its workers. Runs are interleaved and repeated so that a machine shared with
-other work affects them alike. Every run must write the same bytes. `--compare_with` times the pool of another checkout (e.g. the previous release) in the
-same run. Last, the stages of converting one frame are timed in this process: reading the files,
-storing them (`records.stored_png`: verifying the PNGs that pass through, decoding and encoding the
-others), the CRCs, writing and, for comparison, a full decode of every file. Prints one JSON line per engine and one for the stages.
+other work affects them alike. Every run must write the same bytes. `--compare_with` times the
+pool of another checkout (e.g. the previous release) in the same run. Last, the stages of
+converting one frame are timed in this process: reading the files, storing them
+(`records.stored_png`: verifying the PNGs that pass through, decoding and encoding the others),
+the CRCs, writing and, for comparison, a full decode of every file. Prints one JSON line per
+engine and one for the stages.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ A conversion is planned before anything is written: every sequence is cut into c
 frame), the clips are dealt in order into shards of `records_per_shard`, and each shard is one
 task (`write_shard`) for a pool of processes or a Beam worker (data_prep/engines.py): the plan
 alone decides each shard's bytes. Shards are written under temporary names and renamed when
-complete; a re-run verifies the shards already present (every CRC, the index, and each record's sequence and
-first frame against the plan) and writes only the missing ones. `dataset_info.json` is written last.
+complete; a re-run verifies the shards already present (every CRC, the index, and each record's
+sequence and first frame against the plan) and writes only the missing ones. `dataset_info.json`
+is written last.
 """
 
 from __future__ import annotations
