@@ -25,6 +25,7 @@ from absl import flags
 
 from data_prep import engines
 from data_prep import sources
+from vidfusion_jax import files
 from vidfusion_jax import frames as frames_lib
 from vidfusion_jax.data import synthetic
 from vidfusion_jax.data import tfrecord
@@ -49,7 +50,8 @@ def _define(define, name: str, default, help_text: str, sources_using: Sequence[
 
 
 _define(flags.DEFINE_string, "output", None,
-        "output folder for the shards, their indexes and dataset_info.json")
+        "output folder for the shards, their indexes and dataset_info.json; local or a gs:// / "
+        "s3:// URL (the cloud extra)")
 _define(flags.DEFINE_multi_string, "split", None,
         "m3svd: NAME (every sequence), NAME=SEQ,SEQ,... or NAME=@FILE (one sequence a line), "
         "repeat for several splits; other sources: one split name (default: train)")
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
   try:
     source, pipeline_args = parse(argv)
-    output = pathlib.Path(FLAGS.output)
+    output = files.as_path(FLAGS.output)
     stride = FLAGS.clip_stride or (FLAGS.clip_length - TRAIN_WINDOW + 1
                                    if FLAGS.clip_length >= TRAIN_WINDOW else FLAGS.clip_length)
     plans = [writer.plan_split(output, split, sequences, clip_length=FLAGS.clip_length,

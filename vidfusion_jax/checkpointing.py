@@ -4,10 +4,13 @@ Layout of a workdir:
   config.json                 the ml_collections config of the run (written by process 0)
   checkpoints/<step>/state    train state: step, params, opt_state, rng (sharded arrays)
   checkpoints/<step>/data     Grain iterator state, one process_<i>-of-<n>.json per process
+
+The workdir may be a `gs://` URL: Orbax writes the arrays through TensorStore's `gcs` driver and
+the rest through `etils.epath`. `s3://` workdirs are refused (see `Checkpointer`).
 """
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import grain
@@ -18,24 +21,23 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision
 
+from vidfusion_jax import files
+
 PyTree = Any
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def save_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Writes `workdir/config.json` (process 0 only)."""
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Writes `workdir/config.json` atomically (process 0 only)."""
   if jax.process_index() != 0:
     return
-  path = pathlib.Path(workdir) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_suffix(".json.tmp")
-  temporary.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  temporary.replace(path)
+  files.atomic_write(files.as_path(workdir) / CONFIG_FILE,
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / CONFIG_FILE
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = files.as_path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: is {workdir} a training workdir?")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -47,11 +49,19 @@ class Checkpointer:
   Saves are asynchronous; `save` returns once the arrays are copied off the devices. Keeps the
   `keep` latest checkpoints plus the `keep_best` best by `best_metric` among checkpoints saved
   with metrics.
+
+  The workdir may be local or `gs://`. Orbax 0.12 sends only `gs://` paths to a TensorStore
+  object-store driver; any other URL becomes a local `file` path (`s3://b/x` -> "s3:/b/x", refused
+  as not absolute), so `s3://` workdirs are refused here before any compute.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, save_every_steps: int = 1, keep: int = 3,
+  def __init__(self, workdir: str | os.PathLike, *, save_every_steps: int = 1, keep: int = 3,
                keep_best: int = 0, best_metric: str = "", best_mode: str = "max",
                async_checkpointing: bool = True, read_only: bool = False):
+    if os.fspath(workdir).startswith("s3://"):
+      raise ValueError(f"workdir {workdir}: Orbax checkpoints cannot be written to s3:// (its "
+                       "TensorStore arrays go to gs:// or local paths only); use a gs:// or local "
+                       "workdir")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     policies = [preservation.LatestN(n=keep)]
@@ -65,7 +75,7 @@ class Checkpointer:
         enable_async_checkpointing=async_checkpointing,
         read_only=read_only,
         create=not read_only)
-    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    self.directory = files.absolute(workdir) / CHECKPOINT_DIR
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
@@ -109,7 +119,7 @@ def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
                       tree, shardings)
 
 
-def load_params(workdir: str | pathlib.Path,
+def load_params(workdir: str | os.PathLike,
                 step: int | None = None) -> tuple[PyTree, ml_collections.ConfigDict]:
   """Params (host numpy float32, latest or given step) and config of a training workdir.
 

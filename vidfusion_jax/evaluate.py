@@ -3,7 +3,8 @@
   python -m vidfusion_jax.evaluate --ir=IR --vis=VIS --fused NAME=PATH [--fused NAME2=PATH2 ...] \\
       --output=DIR
 
-Every PATH is a folder of frames or a video file. Writes, under DIR: per_frame.csv, summary.csv,
+Every PATH is a folder of frames or a video file; PATH and DIR may be `gs://` or `s3://` URLs (the
+`cloud` extra). Writes, under DIR: per_frame.csv, summary.csv,
 summary.json, summary.md (one row per method), curves/<metric>.png (per-frame curves of every
 method) and profiles/<method>.png (one pixel column of every frame, stacked over time). See
 docs/metrics.md.
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
-import pathlib
 import re
 import sys
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import matplotlib
 
@@ -28,6 +29,7 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import tqdm  # pylint: disable=wrong-import-position
 
+from vidfusion_jax import files  # pylint: disable=wrong-import-position
 from vidfusion_jax import frames as frames_lib  # pylint: disable=wrong-import-position
 from vidfusion_jax import metrics  # pylint: disable=wrong-import-position
 
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _parse_fused(specs: Sequence[str]) -> dict[str, pathlib.Path]:
+def _parse_fused(specs: Sequence[str]) -> dict[str, files.Path]:
   methods = {}
   for spec in specs:
     name, sep, path = spec.partition("=")
@@ -95,11 +97,11 @@ def _parse_fused(specs: Sequence[str]) -> dict[str, pathlib.Path]:
       raise ValueError(f"--fused {spec!r}: NAME may hold only letters, digits, '_', '.', '-'")
     if name in methods:
       raise ValueError(f"--fused: method name {name!r} is given twice")
-    methods[name] = pathlib.Path(path)
+    methods[name] = files.as_path(path)
   return methods
 
 
-def _check_inputs(paths: dict[str, pathlib.Path], max_frames: int | None) -> int:
+def _check_inputs(paths: dict[str, files.Path], max_frames: int | None) -> int:
   """Frame count to score; raises if the inputs disagree."""
   counts = {}
   for label, path in paths.items():
@@ -117,7 +119,7 @@ def _check_inputs(paths: dict[str, pathlib.Path], max_frames: int | None) -> int
   return next(iter(counts.values()))
 
 
-def _triples(fused: pathlib.Path, ir: pathlib.Path, vis: pathlib.Path,
+def _triples(fused: files.Path, ir: files.Path, vis: files.Path,
              count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   readers = [frames_lib.iter_frames(p) for p in (fused, ir, vis)]
   for index, triple in enumerate(itertools.islice(zip(*readers), count)):
@@ -128,7 +130,7 @@ def _triples(fused: pathlib.Path, ir: pathlib.Path, vis: pathlib.Path,
     yield triple
 
 
-def evaluate_method(fused: pathlib.Path, ir: pathlib.Path, vis: pathlib.Path, count: int,
+def evaluate_method(fused: files.Path, ir: files.Path, vis: files.Path, count: int,
                     args: argparse.Namespace, name: str = "") -> dict:
   """Per-frame values of one method, its video summary and its temporal profile image."""
   spatial: dict[str, list[float]] = {n: [] for n in args.metrics}
@@ -179,33 +181,36 @@ def _number(value: float) -> float | None:
   return None if math.isnan(value) else value
 
 
-def _write_tables(out: pathlib.Path, results: dict[str, dict], columns: Sequence[str],
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+  text = io.StringIO(newline="")
+  csv.writer(text).writerows(rows)
+  return text.getvalue()
+
+
+def _write_tables(out: files.Path, results: dict[str, dict], columns: Sequence[str],
                   count: int) -> None:
-  with open(out / "per_frame.csv", "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["method", "frame", *columns])
-    for method, result in results.items():
-      for t in range(count):
-        writer.writerow([method, t, *(repr(float(result["per_frame"][c][t])) for c in columns)])
+  per_frame = [["method", "frame", *columns]]
+  for method, result in results.items():
+    for t in range(count):
+      per_frame.append([method, t, *(repr(float(result["per_frame"][c][t])) for c in columns)])
+  files.atomic_write(out / "per_frame.csv", _csv_text(per_frame))
   header = ["method", "frames", *columns, "flow_backend"]
   rows = [[method, count, *(r["summary"][c] for c in columns), r["flow_backend"] or ""]
           for method, r in results.items()]
-  with open(out / "summary.csv", "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows([[*row[:2], *(repr(v) for v in row[2:-1]), row[-1]] for row in rows])
+  files.atomic_write(out / "summary.csv", _csv_text(
+      [header, *([*row[:2], *(repr(v) for v in row[2:-1]), row[-1]] for row in rows)]))
   summary = {method: {"frames": count, "flow_backend": r["flow_backend"],
                       **{c: _number(r["summary"][c]) for c in columns}}
              for method, r in results.items()}
-  (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+  files.atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     cells = [str(row[0]), str(row[1]), *(f"{v:.4f}" for v in row[2:-1]), row[-1] or "-"]
     lines.append("| " + " | ".join(cells) + " |")
-  (out / "summary.md").write_text("\n".join(lines) + "\n")
+  files.atomic_write(out / "summary.md", "\n".join(lines) + "\n")
 
 
-def _write_plots(out: pathlib.Path, results: dict[str, dict], columns: Sequence[str]) -> None:
+def _write_plots(out: files.Path, results: dict[str, dict], columns: Sequence[str]) -> None:
   curves = out / "curves"
   curves.mkdir(exist_ok=True)
   for column in columns:
@@ -221,8 +226,10 @@ def _write_plots(out: pathlib.Path, results: dict[str, dict], columns: Sequence[
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(curves / f"{column}.png", dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    files.atomic_write(curves / f"{column}.png", image.getvalue())
   profiles = out / "profiles"
   profiles.mkdir(exist_ok=True)
   for method, result in results.items():
@@ -240,12 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("nothing to compute: --metrics and --temporal are both 'none'")
   try:
     methods = _parse_fused(args.fused)
-    ir, vis = pathlib.Path(args.ir), pathlib.Path(args.vis)
+    ir, vis = files.as_path(args.ir), files.as_path(args.vis)
     count = _check_inputs({"ir": ir, "vis": vis, **{f"fused {k!r}": v for k, v in methods.items()}},
                           args.max_frames)
     if args.temporal:
       args.flow = metrics.get_flow_backend(args.flow)
-    out = pathlib.Path(args.output)
+    out = files.as_path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results = {name: evaluate_method(path, ir, vis, count, args, name)
                for name, path in methods.items()}

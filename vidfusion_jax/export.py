@@ -7,7 +7,10 @@ OUT holds `manifest.json` (model name and reference config, dtype, versions, par
 input rules), `params.msgpack` (params only, no optimizer state; flax msgpack) and
 `fusion.jax_export` (the serialized `jax.export` inference function with symbolic batch, time,
 height and width, params passed as arguments). The directory is built beside OUT and renamed
-into place, so OUT is either the previous export or the complete new one. See docs/inference.md.
+into place, so OUT is either the previous export or the complete new one. OUT may be a `gs://` or
+`s3://` URL: object stores cannot rename a folder, so there the files are written in place with
+`manifest.json` removed first and written last (readers refuse a folder without it). See
+docs/inference.md.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import pathlib
 import platform
 import shutil
 import sys
@@ -31,6 +33,7 @@ import numpy as np
 from flax import serialization
 
 import vidfusion_jax
+from vidfusion_jax import files
 from vidfusion_jax import inference
 
 DTYPES = ("float32", "bfloat16")
@@ -78,7 +81,7 @@ def export_model(output: str | os.PathLike, model_name: str, model_config: Mappi
     platforms: platforms the serialized function is lowered for.
     overwrite: replace an existing OUT.
   """
-  output = pathlib.Path(output)
+  output = files.as_path(output)
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
   _check_output(output, overwrite)
@@ -116,18 +119,25 @@ def export_model(output: str | os.PathLike, model_name: str, model_config: Mappi
           "calling_convention_version": exported.calling_convention_version,
       },
   }
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+  contents = {inference.PARAMS_FILE: serialization.msgpack_serialize(params),
+              inference.EXPORTED_FILE: exported.serialize(),
+              inference.MANIFEST_FILE: json.dumps(manifest, indent=1) + "\n"}
+  if files.is_url(output):
+    (output / inference.MANIFEST_FILE).unlink(missing_ok=True)
+    for name, data in contents.items():  # the manifest last
+      files.atomic_write(output / name, data)
+    return manifest
+  tmp = files.as_path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
   try:
-    (tmp / inference.PARAMS_FILE).write_bytes(serialization.msgpack_serialize(params))
-    (tmp / inference.EXPORTED_FILE).write_bytes(exported.serialize())
-    (tmp / inference.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    for name, data in contents.items():
+      files.atomic_write(tmp / name, data)
     _replace_dir(tmp, output)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return manifest
 
 
-def _check_output(output: pathlib.Path, overwrite: bool) -> None:
+def _check_output(output: files.Path, overwrite: bool) -> None:
   if output.exists() and not output.is_dir():
     raise ValueError(f"--output {output} is a file; give a directory path")
   if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -136,11 +146,11 @@ def _check_output(output: pathlib.Path, overwrite: bool) -> None:
   output.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _replace_dir(new: pathlib.Path, output: pathlib.Path) -> None:
+def _replace_dir(new: files.Path, output: files.Path) -> None:
   """Renames `new` to `output`, moving an old `output` aside first and deleting it after."""
   old = None
   if output.exists():
-    old = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+    old = files.as_path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
     os.replace(output, old / "dir")
   os.replace(new, output)
   if old is not None:
@@ -192,7 +202,7 @@ def check_params(module: Any, params: Mapping[str, Any], spec: inference.InputSp
 
 
 def _parse_config(text: str) -> dict[str, Any]:
-  path = pathlib.Path(text)
+  path = files.as_path(text)
   try:
     return json.loads(path.read_text() if path.is_file() else text)
   except json.JSONDecodeError as error:
@@ -234,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       if args.model or args.config:
         raise ValueError("--model and --config are read from the workdir's config; drop them")
       name, config, params, step = params_from_workdir(args.workdir, args.step)
-      source = {"kind": "workdir", "path": os.path.abspath(args.workdir), "step": step}
+      source = {"kind": "workdir", "path": str(files.absolute(args.workdir)), "step": step}
     else:
       if not args.model:
         raise ValueError("--from-torch needs --model=videofusion|temcoco")
@@ -244,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       params, config = params_from_torch(args.from_torch, name)
       if args.config:
         config = _parse_config(args.config)
-      source = {"kind": "torch", "path": os.path.abspath(args.from_torch)}
+      source = {"kind": "torch", "path": str(files.absolute(args.from_torch))}
     manifest = export_model(args.output, name, config, params, dtype=args.dtype, source=source,
                             platforms=[p for p in args.platforms.split(",") if p],
                             overwrite=args.overwrite)

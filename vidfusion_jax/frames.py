@@ -2,21 +2,23 @@
 
 Frames are `uint8` RGB arrays of shape (H, W, 3). A "clip source" is either a folder of image
 files (natural-sorted by name) or a video file. Images are decoded with OpenCV; videos are read and
-written with imageio-ffmpeg (the `video` extra), which ships its own ffmpeg binary.
+written with imageio-ffmpeg (the `video` extra), which ships its own ffmpeg binary. Every path may
+be a `gs://` or `s3://` URL; ffmpeg needs local files, so a video there is downloaded to a
+temporary file before decoding, and written to one and uploaded when complete.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 import contextlib
-import tempfile
 import warnings
 from typing import Iterator
 
 import cv2
 import numpy as np
+
+from vidfusion_jax import files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -32,17 +34,17 @@ def natural_key(name: str) -> list[int | str]:
 
 
 def is_video_file(path: str | os.PathLike) -> bool:
-  path = pathlib.Path(path)
-  return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
+  path = files.as_path(path)
+  return path.suffix.lower() in VIDEO_SUFFIXES and path.is_file()
 
 
-def list_frame_files(folder: str | os.PathLike) -> list[pathlib.Path]:
+def list_frame_files(folder: str | os.PathLike) -> list[files.Path]:
   """Image files directly inside `folder`, natural-sorted by file name."""
-  folder = pathlib.Path(folder)
+  folder = files.as_path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder} is not a folder of frames")
-  files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-  return sorted(files, key=lambda p: natural_key(p.name))
+  images = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+  return sorted(images, key=lambda p: natural_key(p.name))
 
 
 def decode_frame(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -73,7 +75,7 @@ def to_rgb_uint8(image: np.ndarray, name: str = "<array>", bgr: bool = False) ->
 
 def read_frame(path: str | os.PathLike) -> np.ndarray:
   """Reads one image file as uint8 RGB (H, W, 3); gray images get 3 equal channels."""
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   try:
     data = path.read_bytes()
   except OSError as error:
@@ -93,23 +95,9 @@ def encode_png(rgb: np.ndarray) -> bytes:
   return buffer.tobytes()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it into place."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
   """Writes a uint8 RGB frame as PNG, atomically (no half-written file on interruption)."""
-  atomic_write_bytes(path, encode_png(rgb))
+  files.atomic_write(path, encode_png(rgb))
 
 
 def _imageio_ffmpeg():
@@ -131,33 +119,34 @@ def _spawning_ffmpeg():
 
 def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
   """Decodes a video file frame by frame as uint8 RGB (H, W, 3)."""
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"video file {path} does not exist")
-  reader = _imageio_ffmpeg().read_frames(str(path), pix_fmt="rgb24")
-  try:
-    with _spawning_ffmpeg():
-      meta = next(reader)
-  except (RuntimeError, OSError, StopIteration) as error:
-    raise FrameReadError(f"cannot decode video {path}: {error}") from error
-  width, height = meta["size"]
-  try:
-    for raw in reader:
-      yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
-  except RuntimeError as error:
-    raise FrameReadError(f"cannot decode video {path}: {error}") from error
-  finally:
-    reader.close()
+  with files.local_copy(path) as local:
+    reader = _imageio_ffmpeg().read_frames(str(local), pix_fmt="rgb24")
+    try:
+      with _spawning_ffmpeg():
+        meta = next(reader)
+    except (RuntimeError, OSError, StopIteration) as error:
+      raise FrameReadError(f"cannot decode video {path}: {error}") from error
+    width, height = meta["size"]
+    try:
+      for raw in reader:
+        yield np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+    except RuntimeError as error:
+      raise FrameReadError(f"cannot decode video {path}: {error}") from error
+    finally:
+      reader.close()
 
 
 def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
   """Frames of a frame folder or a video file, in order, as uint8 RGB (H, W, 3)."""
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   if path.is_dir():
-    files = list_frame_files(path)
-    if not files:
+    images = list_frame_files(path)
+    if not images:
       raise FrameReadError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return (read_frame(f) for f in files)
+    return (read_frame(f) for f in images)
   if is_video_file(path):
     return iter_video_frames(path)
   if not path.exists():
@@ -168,12 +157,12 @@ def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 def count_frames(path: str | os.PathLike) -> int:
   """Number of frames of a frame folder or a video file (exact: videos are decoded)."""
-  path = pathlib.Path(path)
+  path = files.as_path(path)
   if path.is_dir():
     return len(list_frame_files(path))
   if is_video_file(path):
-    with _spawning_ffmpeg():
-      frames, _ = _imageio_ffmpeg().count_frames_and_secs(str(path))
+    with files.local_copy(path) as local, _spawning_ffmpeg():
+      frames, _ = _imageio_ffmpeg().count_frames_and_secs(str(local))
     return frames
   return sum(1 for _ in iter_frames(path))
 
@@ -181,14 +170,16 @@ def count_frames(path: str | os.PathLike) -> int:
 class VideoWriter:
   """Writes uint8 RGB frames to an H.264 mp4, atomically on close.
 
-  Odd frame sizes are padded by one replicated row/column (yuv420p needs even sizes).
+  Odd frame sizes are padded by one replicated row/column (yuv420p needs even sizes). For a
+  `gs://` / `s3://` path ffmpeg writes a local temporary file, uploaded on close.
   """
 
   def __init__(self, path: str | os.PathLike, fps: float = 30.0, quality: int = 8):
-    self.path = pathlib.Path(path)
+    self.path = files.as_path(path)
     self.fps = fps
     self.quality = quality
-    self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+    self._upload = contextlib.ExitStack()
+    self._tmp = None
     self._writer = None
     self._size = None
 
@@ -203,6 +194,8 @@ class VideoWriter:
     if self._writer is None:
       self._size = (height, width)
       self.path.parent.mkdir(parents=True, exist_ok=True)
+      local = self._upload.enter_context(files.local_output(self.path))
+      self._tmp = local.with_name(f".{local.stem}.partial{local.suffix}")
       self._writer = _imageio_ffmpeg().write_frames(
           str(self._tmp), (width + width % 2, height + height % 2), fps=self.fps,
           codec="libx264", pix_fmt_out="yuv420p", quality=self.quality, macro_block_size=1)
@@ -218,7 +211,8 @@ class VideoWriter:
       raise ValueError(f"no frames were written to {self.path}")
     self._writer.close()
     self._writer = None
-    os.replace(self._tmp, self.path)
+    os.replace(self._tmp, self._tmp.with_name(self.path.name))
+    self._upload.close()  # uploads the local file to an object store
 
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is None:
@@ -227,3 +221,4 @@ class VideoWriter:
       self._writer.close()
       self._writer = None
       self._tmp.unlink(missing_ok=True)
+      self._upload.__exit__(exc_type, exc, tb)

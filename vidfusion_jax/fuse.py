@@ -4,14 +4,13 @@
 
 PATH is a folder of frames or a video file. Writes one `DIR/NNNN.png` per input frame (each
 atomically) and, on request, an mp4 of the fused frames and a side-by-side IR | VIS | fused mp4.
-See docs/inference.md.
+Every path may be a `gs://` or `s3://` URL (the `cloud` extra). See docs/inference.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import pathlib
 import re
 import sys
 from typing import Sequence
@@ -19,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import tqdm
 
+from vidfusion_jax import files
 from vidfusion_jax import frames as frame_io
 from vidfusion_jax import host_memory
 from vidfusion_jax import inference
@@ -30,7 +30,7 @@ def frame_name(index: int) -> str:
   return f"{index:04d}.png"
 
 
-def existing_frames(folder: pathlib.Path) -> list[pathlib.Path]:
+def existing_frames(folder: files.Path) -> list[files.Path]:
   """Files of the output frame pattern (`NNNN.png`, 4 or more digits) already in `folder`."""
   if not folder.is_dir():
     return []
@@ -94,7 +94,7 @@ def window_settings(model_name: str, args: argparse.Namespace) -> inference.Wind
 
 
 def _count(path: str, what: str) -> int:
-  if not pathlib.Path(path).exists():
+  if not files.as_path(path).exists():
     raise ValueError(f"--{what} {path} does not exist")
   try:
     return frame_io.count_frames(path)
@@ -105,7 +105,7 @@ def _count(path: str, what: str) -> int:
 def run(args: argparse.Namespace) -> int:
   """Fuses the clips of `args`; returns the number of frames written."""
   manifest = inference.read_manifest(args.model)
-  output = pathlib.Path(args.output)
+  output = files.as_path(args.output)
   if output.exists() and not output.is_dir():
     raise ValueError(f"--output {output} is a file; give a folder")
   old_frames = existing_frames(output)

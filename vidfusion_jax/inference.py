@@ -17,7 +17,6 @@ import functools
 import itertools
 import json
 import os
-import pathlib
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import cv2
@@ -27,6 +26,7 @@ import numpy as np
 from flax import serialization
 
 import vidfusion_jax
+from vidfusion_jax import files
 from vidfusion_jax import host_memory
 
 MANIFEST_FILE = "manifest.json"
@@ -106,7 +106,7 @@ def make_infer_fn(module: Any) -> InferFn:
 
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
   """The manifest of an exported model directory, checked for completeness and version."""
-  model_dir = pathlib.Path(model_dir)
+  model_dir = files.as_path(model_dir)
   redo = ("re-export it with `python -m vidfusion_jax.export --workdir=... --output=...` or "
           "`--from-torch=...`")
   path = model_dir / MANIFEST_FILE
@@ -136,7 +136,7 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_params(model_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, Any]:
   """The stored params (numpy arrays), checked against the shapes listed in the manifest."""
-  path = pathlib.Path(model_dir) / manifest["params"]["file"]
+  path = files.as_path(model_dir) / manifest["params"]["file"]
   try:
     params = serialization.msgpack_restore(path.read_bytes())
   except Exception as error:  # msgpack raises several unrelated types on corrupt input.
@@ -151,7 +151,7 @@ def read_params(model_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> di
 
 def read_exported(model_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> jax.export.Exported:
   """The serialized `jax.export` artifact of the inference function."""
-  path = pathlib.Path(model_dir) / manifest["exported"]["file"]
+  path = files.as_path(model_dir) / manifest["exported"]["file"]
   try:
     return jax.export.deserialize(bytearray(path.read_bytes()))
   except Exception as error:  # deserialize raises various types for foreign/corrupt data.

@@ -5,7 +5,6 @@ from frozen networks, a loader for their parameters (passed to the loss as `teac
 """
 
 import dataclasses
-import pathlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vidfusion_jax import files
 from vidfusion_jax import losses
 from vidfusion_jax import models
 from vidfusion_jax import weights
@@ -70,7 +70,7 @@ def _temcoco_teachers(config: ml_collections.ConfigDict) -> teacher_models.Teach
   if not cfg.distillation:
     return None
   absent = [f"teachers.{k}={cfg[k]!r}" for k in ("vgg19", "dinov2")
-            if not cfg[k] or not pathlib.Path(cfg[k]).is_file()]
+            if not cfg[k] or not files.as_path(cfg[k]).is_file()]
   if absent:
     raise ValueError(f"TemCoCo distillation needs the teacher checkpoint files; missing or not "
                      f"found: {absent}. Get them from {TEMCOCO_TEACHER_SOURCES}")

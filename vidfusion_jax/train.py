@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import logging as std_logging
 import math
-import pathlib
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -32,6 +32,7 @@ import tqdm
 
 from vidfusion_jax import checkpointing
 from vidfusion_jax import data
+from vidfusion_jax import files
 from vidfusion_jax import frames
 from vidfusion_jax import logging_utils
 from vidfusion_jax import metrics
@@ -416,10 +417,11 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpointing.Checkpointer,
   return state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        devices=None) -> TrainState:
-  """Trains `config` in `workdir` up to `config.total_steps`, resuming from its checkpoints."""
-  workdir = pathlib.Path(workdir)
+  """Trains `config` in `workdir` (local or `gs://`) up to `config.total_steps`, resuming from its
+  checkpoints."""
+  workdir = files.as_path(workdir)
   mesh = sharding.mesh_from_config(config, devices)
   validate_batch_config(config, mesh)
   checkpointing.save_config(workdir, config)
@@ -482,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return state
 
 
-def _write_grid(workdir: pathlib.Path, writer: logging_utils.MetricWriter, step: int,
+def _write_grid(workdir: files.Path, writer: logging_utils.MetricWriter, step: int,
                 grid: np.ndarray | None) -> None:
   """Saves the IR | VIS | fused grid as `workdir/eval/step_<step>.png` and to TensorBoard."""
   if grid is None or jax.process_index() != 0:
@@ -497,8 +499,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/videofusion.py or "
     "configs/videofusion.py:tiny; override fields with --config.<field>=<value>.",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json; "
-                               "an existing one is resumed.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json, "
+                               "local or gs:// (needs the cloud extra); an existing one is "
+                               "resumed.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize(); without the flags below JAX "
     "detects SLURM, Open MPI, TPU pods and Kubernetes clusters from the environment.")

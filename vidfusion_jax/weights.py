@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax import files
 from vidfusion_jax import models
 from vidfusion_jax.models import teachers
 from vidfusion_jax.models import temcoco
@@ -229,10 +230,12 @@ def _import_torch():
 def load_torch_checkpoint(path: str | os.PathLike) -> StateDict:
   """State_dict of a PyTorch checkpoint (BasicSR `{"params": ...}` or a bare state_dict).
 
-  Loads with `weights_only=True` and strips a leading `module.` (DataParallel / DDP).
+  Loads with `weights_only=True` and strips a leading `module.` (DataParallel / DDP). `path` may
+  be a `gs://` / `s3://` URL (downloaded to a temporary file first).
   """
   torch = _import_torch()
-  checkpoint = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+  with files.local_copy(path) as local:
+    checkpoint = torch.load(os.fspath(local), map_location="cpu", weights_only=True)
   if isinstance(checkpoint, dict) and isinstance(checkpoint.get("params"), dict):
     checkpoint = checkpoint["params"]
   if not isinstance(checkpoint, dict):

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
+import threading
 from typing import Any
 
 import numpy as np
 
+from vidfusion_jax import files
 from vidfusion_jax.data import tfrecord
 from vidfusion_jax.data import writer
 
 
 def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
   """The parsed `dataset_info.json` of a converted dataset."""
-  path = pathlib.Path(data_dir) / writer.INFO_FILE
+  path = files.as_path(data_dir) / writer.INFO_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a converted dataset, or "
                             "its conversion has not finished (re-run `python -m data_prep`)")
@@ -33,11 +34,13 @@ class ClipRecordSource:
 
   Record `i` is the i-th record in shard order (shards as listed in `dataset_info.json`). Every
   read verifies both CRCs of the record; a corrupt record raises `RecordCorruptError` naming the
-  shard and the byte offset. File descriptors are opened lazily per process (it is picklable).
+  shard and the byte offset. Files are opened lazily per process (it is picklable): local shards
+  as descriptors read with `os.pread`, shards on an object store as file objects, one reader at
+  a time each.
   """
 
   def __init__(self, data_dir: str | os.PathLike, split: str):
-    self.data_dir = pathlib.Path(data_dir)
+    self.data_dir = files.as_path(data_dir)
     self.split = split
     shards = split_info(read_dataset_info(data_dir), split, data_dir)["shards"]
     self._paths = [self.data_dir / shard["file"] for shard in shards]
@@ -52,7 +55,9 @@ class ClipRecordSource:
     self._shard_of = np.concatenate([np.full(len(ix), k, np.int64)
                                      for k, ix in enumerate(indexes)] or [np.zeros(0, np.int64)])
     self._index = np.concatenate(indexes or [np.zeros((0, 2), np.int64)])
-    self._fds: dict[int, int] = {}
+    self._fds: dict[int, tfrecord.RecordFile] = {}
+    self._locks: dict[int, threading.Lock] = {}
+    self._open_lock = threading.Lock()
     self._pid = None
 
   def __len__(self) -> int:
@@ -63,17 +68,26 @@ class ClipRecordSource:
       raise IndexError(f"record {record} out of range for {len(self)} records")
     shard = int(self._shard_of[record])
     offset, size = (int(v) for v in self._index[record])
-    return tfrecord.read_record(self._fd(shard), self._paths[shard], offset, size)
+    file = self._fd(shard)
+    if isinstance(file, int):
+      return tfrecord.read_record(file, self._paths[shard], offset, size)
+    with self._locks[shard]:
+      return tfrecord.read_record(file, self._paths[shard], offset, size)
 
-  def _fd(self, shard: int) -> int:
-    if self._pid != os.getpid():  # a fresh process (worker): descriptors are not inherited
-      self._fds, self._pid = {}, os.getpid()
-    if shard not in self._fds:
-      self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
-    return self._fds[shard]
+  def _fd(self, shard: int) -> tfrecord.RecordFile:
+    with self._open_lock:
+      if self._pid != os.getpid():  # a fresh process (worker): descriptors are not inherited
+        self._fds, self._locks, self._pid = {}, {}, os.getpid()
+      if shard not in self._fds:
+        self._fds[shard] = tfrecord.open_record_file(self._paths[shard])
+        self._locks[shard] = threading.Lock()
+      return self._fds[shard]
 
   def __getstate__(self) -> dict[str, Any]:
-    return self.__dict__ | {"_fds": {}, "_pid": None}
+    return self.__dict__ | {"_fds": {}, "_locks": {}, "_open_lock": None, "_pid": None}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state, _open_lock=threading.Lock())
 
   def __repr__(self) -> str:
     return f"ClipRecordSource({str(self.data_dir)!r}, {self.split!r}, {len(self)} records)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Any
 
 import cv2
@@ -108,7 +107,7 @@ def make_synthetic_dataset(output_dir: str | os.PathLike, *, split: str = "train
   sequences = synthetic_sequences(num_sequences, num_frames, height, width, seed, streams)
   source = {"converter": "synthetic", "num_sequences": num_sequences, "num_frames": num_frames,
             "height": height, "width": width, "seed": seed, "clean_only": clean_only}
-  return writer.convert(pathlib.Path(output_dir), split, sequences, source,
+  return writer.convert(output_dir, split, sequences, source,
                         clip_length=clip_length, clip_stride=clip_stride,
                         frame_encoding=frame_encoding, records_per_shard=records_per_shard,
                         workers=workers, progress=progress)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 import struct
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import google_crc32c
 import numpy as np
+
+from vidfusion_jax import files
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")
@@ -45,22 +46,22 @@ def frame_record(data: bytes) -> bytes:
                    _FOOTER.pack(masked_crc32c(data))))
 
 
-def index_path(shard_path: str | os.PathLike) -> pathlib.Path:
-  shard_path = pathlib.Path(shard_path)
+def index_path(shard_path: str | os.PathLike) -> files.Path:
+  shard_path = files.as_path(shard_path)
   return shard_path.with_name(shard_path.name + INDEX_SUFFIX)
 
 
 class ShardWriter:
-  """Writes one shard and its index under temporary names; `commit` renames them into place.
+  """Writes one shard and its index atomically (`files.AtomicFile`); `commit` publishes them.
 
   Until `commit` neither final file exists, so an interrupted conversion leaves no shard that
-  looks complete. The index is renamed first: a shard file without its index is never valid.
+  looks complete. The index is published first: a shard file without its index is never valid.
+  Works on local paths and on `gs://` / `s3://` URLs.
   """
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
-    self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-    self._file = open(self._tmp, "wb")  # pylint: disable=consider-using-with
+    self.path = files.as_path(path)
+    self._file = files.AtomicFile(self.path)
     self._sha256 = hashlib.sha256()
     self._index: list[tuple[int, int]] = []
     self._offset = 0
@@ -74,18 +75,14 @@ class ShardWriter:
 
   def commit(self) -> dict:
     """Closes, renames into place and returns `{num_records, num_bytes, sha256}`."""
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self._file.close()
     index_text = "".join(f"{offset} {size}\n" for offset, size in self._index)
-    _atomic_write_text(index_path(self.path), index_text)
-    os.replace(self._tmp, self.path)
+    files.atomic_write(index_path(self.path), index_text)
+    self._file.commit()
     return {"num_records": len(self._index), "num_bytes": self._offset,
             "sha256": self._sha256.hexdigest()}
 
   def abort(self) -> None:
-    self._file.close()
-    self._tmp.unlink(missing_ok=True)
+    self._file.abort()
 
   def __enter__(self) -> "ShardWriter":
     return self
@@ -95,25 +92,16 @@ class ShardWriter:
       self.abort()
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "w", encoding="ascii") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def read_index(shard_path: str | os.PathLike) -> np.ndarray:
   """(num_records, 2) int64 array of (offset, size) from the shard's index file.
 
   Checks that the records tile the shard exactly, so a truncated shard or a stale index is an
   error naming the file.
   """
-  shard_path = pathlib.Path(shard_path)
+  shard_path = files.as_path(shard_path)
   path = index_path(shard_path)
   try:
-    text = path.read_text(encoding="ascii")
+    text = path.read_bytes().decode("ascii")
   except OSError as error:
     raise FileNotFoundError(f"index file {path} of shard {shard_path} cannot be read: {error}"
                             ) from error
@@ -122,7 +110,7 @@ def read_index(shard_path: str | os.PathLike) -> np.ndarray:
   except ValueError as error:
     raise RecordCorruptError(f"index file {path} is malformed: {error}") from error
   ends = index[:, 0] + index[:, 1]
-  file_size = shard_path.stat().st_size
+  file_size = files.file_size(shard_path)
   expected_offsets = np.concatenate([[0], ends[:-1]])
   if (not np.array_equal(index[:, 0], expected_offsets) or (index[:, 1] < FRAMING_BYTES).any()
       or (ends[-1] if len(ends) else 0) != file_size):
@@ -132,13 +120,39 @@ def read_index(shard_path: str | os.PathLike) -> np.ndarray:
   return index
 
 
-def read_record(fd: int, path: str | os.PathLike, offset: int, size: int | None = None) -> bytes:
+RecordFile = int | BinaryIO  # a local file descriptor, or an object-store file (seek + read)
+
+
+def open_record_file(path: str | os.PathLike) -> RecordFile:
+  """A handle for `read_record`: a descriptor (local, read with `os.pread`) or a file object."""
+  if files.is_url(path):
+    return files.as_path(path).open("rb")
+  return os.open(path, os.O_RDONLY)
+
+
+def close_record_file(file: RecordFile) -> None:
+  if isinstance(file, int):
+    os.close(file)
+  else:
+    file.close()
+
+
+def _pread(file: RecordFile, size: int, offset: int) -> bytes:
+  """`size` bytes at `offset`; a file object is shared, so callers serialise its seek + read."""
+  if isinstance(file, int):
+    return os.pread(file, size, offset)
+  file.seek(offset)
+  return file.read(size)
+
+
+def read_record(fd: RecordFile, path: str | os.PathLike, offset: int,
+                size: int | None = None) -> bytes:
   """Reads the record framed at `offset` of an open file and verifies both CRCs.
 
-  `size` (from the index) is the expected frame size. Raises `RecordCorruptError` naming the file
-  and the offset when the framing or a checksum is wrong.
+  `fd` comes from `open_record_file`. `size` (from the index) is the expected frame size. Raises
+  `RecordCorruptError` naming the file and the offset when the framing or a checksum is wrong.
   """
-  header = os.pread(fd, _HEADER.size, offset)
+  header = _pread(fd, _HEADER.size, offset)
   if len(header) < _HEADER.size:
     raise RecordCorruptError(f"{path}: record at byte offset {offset} is truncated")
   length, length_crc = _HEADER.unpack(header)
@@ -148,8 +162,8 @@ def read_record(fd: int, path: str | os.PathLike, offset: int, size: int | None 
     raise RecordCorruptError(
         f"{path}: record at byte offset {offset} has length {length}, but the index gives a "
         f"{size}-byte frame")
-  data = os.pread(fd, length, offset + _HEADER.size)
-  footer = os.pread(fd, _FOOTER.size, offset + _HEADER.size + length)
+  data = _pread(fd, length, offset + _HEADER.size)
+  footer = _pread(fd, _FOOTER.size, offset + _HEADER.size + length)
   if len(data) < length or len(footer) < _FOOTER.size:
     raise RecordCorruptError(f"{path}: record at byte offset {offset} is truncated")
   if masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
@@ -159,21 +173,21 @@ def read_record(fd: int, path: str | os.PathLike, offset: int, size: int | None 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
   """(offset, data) of every record of a TFRecord file, scanned from the start, CRC-checked."""
-  file_size = os.path.getsize(path)
-  fd = os.open(path, os.O_RDONLY)
+  file_size = files.file_size(path)
+  file = open_record_file(path)
   try:
     offset = 0
     while offset < file_size:
-      data = read_record(fd, path, offset)
+      data = read_record(file, path, offset)
       yield offset, data
       offset += len(data) + FRAMING_BYTES
   finally:
-    os.close(fd)
+    close_record_file(file)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.as_path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()

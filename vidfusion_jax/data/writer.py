@@ -7,7 +7,7 @@ task (`write_shard`) for a pool of processes or a Beam worker (data_prep/engines
 alone decides each shard's bytes. Shards are written under temporary names and renamed when
 complete; a re-run verifies the shards already present (every CRC, the index, and each record's
 sequence and first frame against the plan) and writes only the missing ones. `dataset_info.json`
-is written last.
+is written last. The output folder may be a `gs://` or `s3://` URL (see `vidfusion_jax.files`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import json
 import math
 import multiprocessing
 import os
-import pathlib
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import tqdm
 
+from vidfusion_jax import files
 from vidfusion_jax.data import records
 from vidfusion_jax.data import tfrecord
 
@@ -98,7 +98,7 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _ShardTask:
-  path: pathlib.Path
+  path: files.Path
   clips: tuple[tuple[int, int], ...]  # (position in `sequences`, first frame)
   sequences: tuple[SequenceSource, ...]
   streams: tuple[str, ...]
@@ -106,7 +106,7 @@ class _ShardTask:
   frame_encoding: str
 
 
-def _shard_task(path: pathlib.Path, clips: Sequence[tuple[int, int]],
+def _shard_task(path: files.Path, clips: Sequence[tuple[int, int]],
                 sequences: Sequence[SequenceSource], streams: tuple[str, ...], clip_length: int,
                 frame_encoding: str) -> _ShardTask:
   """A task that carries only its own sequences (they are pickled to a worker)."""
@@ -137,7 +137,7 @@ def _verify_shard(task: _ShardTask) -> dict | None:
     return None
   if found != _expected_keys(task) or len(index) != len(found):
     return None
-  return {"num_records": len(found), "num_bytes": task.path.stat().st_size,
+  return {"num_records": len(found), "num_bytes": files.file_size(task.path),
           "sha256": tfrecord.file_sha256(task.path)}
 
 
@@ -229,7 +229,7 @@ def plan_split(output_dir: str | os.PathLike, split: str, sequences: Sequence[Se
   if clip_length < 1 or clip_stride < 1 or records_per_shard < 1:
     raise ValueError("clip length, clip stride and records per shard must be positive")
   streams = _check_sequences(sequences, clip_length)
-  output_dir = pathlib.Path(output_dir)
+  output_dir = files.as_path(output_dir)
   info_path = output_dir / INFO_FILE
   if info_path.exists():  # fail before writing anything
     _check_compatible(info_path, json.loads(info_path.read_text()), split,
@@ -290,7 +290,7 @@ def _run_tasks(tasks: list[_ShardTask], workers: int, progress: bool, desc: str)
   return results
 
 
-def _check_compatible(path: pathlib.Path, info: Mapping[str, Any], split: str,
+def _check_compatible(path: files.Path, info: Mapping[str, Any], split: str,
                       common: Mapping[str, Any]) -> None:
   """Other splits in the folder must share K, the encoding and the streams."""
   if not set(info.get("splits", {})) - {split}:
@@ -304,8 +304,7 @@ def _check_compatible(path: pathlib.Path, info: Mapping[str, Any], split: str,
 def write_dataset_info(output_dir: str | os.PathLike, split: str, split_info: Mapping[str, Any],
                        source: Mapping[str, Any]) -> dict[str, Any]:
   """Adds or replaces one split in `dataset_info.json` (atomically) and returns the whole info."""
-  output_dir = pathlib.Path(output_dir)
-  path = output_dir / INFO_FILE
+  path = files.as_path(output_dir) / INFO_FILE
   info = json.loads(path.read_text()) if path.exists() else {"format_version": FORMAT_VERSION,
                                                               "splits": {}}
   split_info = dict(split_info)
@@ -323,9 +322,7 @@ def write_dataset_info(output_dir: str | os.PathLike, split: str, split_info: Ma
   })
   split_info["source"] = dict(source)
   info["splits"][split] = split_info
-  tmp = path.with_name(f".{INFO_FILE}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(info, indent=2) + "\n")
-  os.replace(tmp, path)
+  files.atomic_write(path, json.dumps(info, indent=2) + "\n")
   return info
 
 
