@@ -1,5 +1,6 @@
 """Every user path on an object store: conversion, training, resume, export, fuse and evaluate on
-a real GCS emulator (`gcp-storage-emulator`) that this module starts on loopback.
+a real GCS emulator (`gcp-storage-emulator`), and the data and summaries on an S3 emulator (moto's
+server mode), both started by this module on loopback.
 
 gcsfs reaches the emulator through `STORAGE_EMULATOR_HOST`, TensorStore (Orbax's arrays) through
 `TENSORSTORE_GCS_HTTP_URL`; `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` skips gcsfs's gRPC probe of
@@ -7,6 +8,8 @@ the bucket type (about 60 s per bucket against an emulator). Every result is com
 same work done on local paths.
 """
 
+import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -15,9 +18,16 @@ import subprocess
 import sys
 import time
 
+import fsspec
 import jax
 import numpy as np
 import pytest
+
+# Looked up, not imported: gcsfs must first be imported after its environment is set (`gcs`).
+_MISSING = [name for name in ("gcsfs", "s3fs", "gcp_storage_emulator", "moto")
+            if not importlib.util.find_spec(name)]
+if _MISSING:
+  pytest.skip(f"{_MISSING} not installed (the cloud and test extras)", allow_module_level=True)
 
 from test_train_standin import SCRIPT, assert_params_close, get_config, losses_by_step, register
 from test_train_standin import compilation_cache  # pylint: disable=unused-import
@@ -39,10 +49,51 @@ TINY_VIDEOFUSION = {"num_features": 16, "num_blocks": [1, 1, 1], "num_decoder_bl
 PLATFORM = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
 
 
+# gcp-storage-emulator with one fix: real GCS names an object's generation in the
+# `x-goog-generation` header of a media download, and TensorStore needs it to update an OCDBT
+# manifest it has read ("Malformed StorageGeneration" otherwise). Routes bind the handler at import,
+# so it is replaced before the server module is imported.
+_GCS_EMULATOR = """
+import sys
+from gcp_storage_emulator import exceptions
+from gcp_storage_emulator.handlers import objects
+
+download = objects.download
+
+
+def download_with_generation(request, response, storage, *args, **kwargs):
+  try:
+    resource = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    response["x-goog-generation"] = resource["generation"]
+    response["x-goog-metageneration"] = resource["metageneration"]
+  except exceptions.NotFound:
+    pass
+  return download(request, response, storage, *args, **kwargs)
+
+
+objects.download = download_with_generation
+from gcp_storage_emulator import __main__
+__main__.main(sys.argv[1:])
+"""
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def _start_server(command: list[str], port: int) -> subprocess.Popen:
+  """Starts an emulator process and waits until it accepts connections on `port`."""
+  server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      return server
+    except OSError:
+      assert server.poll() is None and time.monotonic() < deadline, f"{command} did not start"
+      time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -51,29 +102,13 @@ def gcs():
   if "gcsfs" in sys.modules and os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT") != "false":
     pytest.fail("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set")
   port = _free_port()
-  server = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-       f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 60
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      assert server.poll() is None and time.monotonic() < deadline, "emulator did not start"
-      time.sleep(0.1)
+  server = _start_server(
+      [sys.executable, "-c", _GCS_EMULATOR, "start", "--host=127.0.0.1",
+       f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}", "--quiet"], port)
   url = f"http://127.0.0.1:{port}"
-  variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-  saved = {name: os.environ.get(name) for name in variables}
-  os.environ.update(variables)
-  yield f"gs://{BUCKET}"
-  for name, value in saved.items():
-    if value is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = value
+  with _environment({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}):
+    yield f"gs://{BUCKET}"
   server.terminate()
   server.wait(timeout=30)
 
@@ -90,7 +125,7 @@ def test_paths_and_atomic_writer(gcs, tmp_path):
   files.atomic_write(url, b"two")
   assert files.as_path(url).read_text() == "two" and files.file_size(url) == 3
   with pytest.raises(RuntimeError), files.AtomicFile(f"{gcs}/paths/b.bin") as f:
-    f.write(b"x" * (9 << 20))  # past gcsfs's first upload chunk: a resumable upload is started
+    f.write(b"partial")
     raise RuntimeError("interrupted")
   with pytest.raises(RuntimeError), files.AtomicFile(tmp_path / "b.bin") as f:
     f.write(b"partial")
@@ -155,6 +190,37 @@ def test_random_access_reads_equal_local(datasets):
       np.testing.assert_array_equal(clip_a[stream], clip_b[stream])
 
 
+def test_s3_data_and_summaries(s3, datasets):
+  """On S3: conversion, random reads, an aborted multipart upload, metrics and TensorBoard."""
+  local, _ = datasets
+  remote = f"{s3}/dataset"
+  data.make_synthetic_dataset(remote, split="train", num_sequences=2, num_frames=6, height=24,
+                              width=24, clip_length=3, records_per_shard=2, progress=False)
+  assert (json.loads(files.as_path(f"{remote}/dataset_info.json").read_text())["splits"]["train"]
+          == json.loads((local / "dataset_info.json").read_text())["splits"]["train"])
+  local_source, remote_source = (data.ClipRecordSource(d, "train") for d in (local, remote))
+  assert [remote_source[i] for i in (2, 0, 3, 1)] == [local_source[i] for i in (2, 0, 3, 1)]
+  with pytest.raises(RuntimeError), files.AtomicFile(f"{s3}/aborted.bin") as f:
+    f.write(b"x" * (6 << 20))
+    f.file.flush()  # past s3fs's 5 MiB block: a multipart upload is under way
+    raise RuntimeError("interrupted")
+  assert not files.as_path(f"{s3}/aborted.bin").exists()
+  writer = logging_utils.MetricWriter(f"{s3}/run", enabled=True)
+  writer.write_scalars(1, {"train/loss": 0.5})
+  writer.write_scalars(2, {"train/loss": float("nan")})
+  writer.write_images(2, {"grid": np.zeros((4, 4, 3), np.uint8)})
+  writer.close()
+  resumed = logging_utils.MetricWriter(f"{s3}/run", enabled=True)  # keeps the earlier records
+  resumed.write_scalars(3, {"train/loss": 0.25})
+  resumed.close()
+  assert logging_utils.read_metrics(f"{s3}/run") == [
+      {"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": "nan"},
+      {"step": 3, "train/loss": 0.25}]
+  events = _listing(f"{s3}/run/tensorboard")
+  assert len(events) == 2 and all(files.file_size(f"{s3}/run/tensorboard/{n}") > 0
+                                  for n in events)
+
+
 def test_s3_workdir_is_refused_before_compute():
   with pytest.raises(ValueError, match="cannot be written to s3://"):
     checkpointing.Checkpointer("s3://bucket/run")
@@ -192,15 +258,17 @@ def trained(datasets, gcs, compilation_cache, tmp_path_factory):
   workdir = f"{gcs}/run"
   command = SCRIPT + [f"--workdir={workdir}", *_training_config(remote)]
   env = subprocess_env(compilation_cache)
-  first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+  log = tmp_path_factory.mktemp("logs") / "killed_run.log"
+  with open(log, "w", encoding="utf-8") as stderr:  # the Grain worker holds it open too
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                             start_new_session=True)
   deadline = time.monotonic() + 600
   while max(losses_by_step(workdir), default=0) < 5:
-    assert first.poll() is None, f"training ended before step 5: {first.stderr.read()}"
+    assert first.poll() is None, f"training ended before step 5: {log.read_text()}"
     assert time.monotonic() < deadline
     time.sleep(0.2)
-  first.send_signal(signal.SIGKILL)
-  first.communicate(timeout=60)
+  os.killpg(first.pid, signal.SIGKILL)  # the trainer and its Grain worker, like a lost machine
+  first.wait(timeout=60)
   killed_checkpoints = checkpointing.Checkpointer(workdir, read_only=True).all_steps()
   second = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, timeout=600, check=False)

@@ -84,10 +84,9 @@ class AtomicFile:
 
   def abort(self) -> None:
     if self._tmp is None:
-      discard = getattr(self.file, "discard", None)  # fsspec: cancel the pending upload
-      if discard is not None:
-        discard()
       self.file.closed = True  # closing would publish the partial object
+      with contextlib.suppress(Exception):  # an unfinished upload is never published anyway
+        getattr(self.file, "discard", lambda: None)()  # fsspec: cancel the multipart upload
       return
     self.file.close()
     self._tmp.unlink(missing_ok=True)
