@@ -113,6 +113,35 @@ def gcs():
   server.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+  """Sets environment variables (inherited by subprocesses) and restores them on exit."""
+  saved = {name: os.environ.get(name) for name in variables}
+  os.environ.update(variables)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def s3():
+  """`s3://<bucket>` on a moto server process, torn down after the module."""
+  port = _free_port()
+  server = _start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                          str(port)], port)
+  with _environment({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}):
+    fsspec.filesystem("s3").mkdir(BUCKET)
+    yield f"s3://{BUCKET}"
+  server.terminate()
+  server.wait(timeout=30)
+
+
 def _listing(folder) -> list[str]:
   return sorted(p.name for p in files.as_path(folder).iterdir())
 
