@@ -76,6 +76,7 @@ class Checkpointer:
         read_only=read_only,
         create=not read_only)
     self.directory = files.absolute(workdir) / CHECKPOINT_DIR
+    files.refresh(self.directory)  # checkpoints written by other processes
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data"),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),

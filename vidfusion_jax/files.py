@@ -21,6 +21,7 @@ import tempfile
 from typing import IO, Iterator, Union
 
 from etils import epath
+from etils.epath import backend as epath_backend
 
 URL_SCHEMES = ("gs://", "s3://")
 Path = Union[pathlib.Path, epath.Path]
@@ -48,6 +49,15 @@ def file_size(path: str | os.PathLike) -> int:
   """Size in bytes of a local file or an object."""
   path = as_path(path)
   return path.stat().length if is_url(path) else path.stat().st_size
+
+
+def refresh(path: str | os.PathLike) -> None:
+  """Forgets cached listings of `path`'s object store, to see what other processes wrote since.
+
+  fsspec caches every folder listing for the life of the process; a local path needs nothing.
+  """
+  if is_url(path):
+    epath_backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
 
 
 class AtomicFile:
