@@ -19,6 +19,7 @@ import numpy as np
 
 from vidfusion_jax import files
 from vidfusion_jax import models
+from vidfusion_jax.models import sea_raft
 from vidfusion_jax.models import teachers
 from vidfusion_jax.models import temcoco
 
@@ -80,6 +81,8 @@ class TorchMapping:
   The name/layout functions default to the generic PyTorch conventions above.
   buffers: constant non-parameter tensors of the state_dict (e.g. TemCoCo's int64 attention index
     buffers): required and compared on import, regenerated on export, never part of the params.
+  prepare: state_dict -> the state_dict to import, dropping (after checking) tensors the forward
+    does not read, e.g. SEA-RAFT's BatchNorm counters and its aliased shortcut BatchNorms.
   """
   abstract_params: Callable[[Mapping[str, np.ndarray]], Any]
   to_flax_path: Callable[[str, int], FlaxPath] = torch_name_to_flax_path
@@ -87,6 +90,7 @@ class TorchMapping:
   to_flax_layout: Callable[[FlaxPath, np.ndarray], np.ndarray] = torch_to_flax_layout
   to_torch_layout: Callable[[FlaxPath, np.ndarray], np.ndarray] = flax_to_torch_layout
   buffers: Callable[[], Mapping[str, np.ndarray]] = dict
+  prepare: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] = dict
 
 
 def _count_indices(state_dict: Mapping[str, Any], prefix: str) -> int:
@@ -141,6 +145,8 @@ _MAPPINGS: dict[str, TorchMapping] = {
                             **temcoco.TORCH_NAMING),
     "vgg19": TorchMapping(teachers.vgg19_abstract_params, **teachers.TORCH_NAMING),
     "dinov2": TorchMapping(teachers.dinov2_abstract_params, **teachers.TORCH_NAMING),
+    "sea_raft": TorchMapping(sea_raft.abstract_params, prepare=sea_raft.drop_aliases,
+                             **sea_raft.TORCH_NAMING),
 }
 
 
@@ -177,7 +183,7 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str,
   Raises ValueError naming any missing, unexpected or mis-shaped tensor.
   """
   mapping = _mapping(name)
-  state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
+  state_dict = {k: np.asarray(v) for k, v in mapping.prepare(state_dict).items()}
   expected = {mapping.to_torch_name(path): (path, leaf)
               for path, leaf in _flatten(mapping.abstract_params(state_dict)).items()}
   buffers = mapping.buffers()

@@ -4,6 +4,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
+from vidfusion_jax.models import sea_raft
 from vidfusion_jax.models import temcoco
 from vidfusion_jax.models.temcoco import TemCoCo
 from vidfusion_jax.models.videofusion import VideoFusion
@@ -71,6 +72,7 @@ def videofusion_from_reference_config(cfg: Mapping[str, Any], **overrides: Any) 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "videofusion": videofusion_from_reference_config,
     "temcoco": temcoco.from_reference_config,
+    "sea_raft": sea_raft.from_reference_config,
 }
 
 
