@@ -6,19 +6,23 @@ frame_a(x) ~ frame_b(x + flow(x)). That is the field needed to pull `frame_b` on
 `frame_a` by backward warping. Frames are (H, W) or (H, W, C) arrays on the 0-255 scale. Give the
 callable a `name` attribute: reports state which backend produced a temporal number.
 
-Built in: "farneback" (OpenCV's classical dense flow, no weights; the default) and "zero" (the
-identity field, for tests and for a warp-free frame difference). A learned network (RAFT,
-SEA-RAFT, ...) plugs in as any callable, or from the command line as "package.module:factory",
-where `factory()` returns the callable.
+Built in: "farneback" (OpenCV's classical dense flow, no weights; the default), "zero" (the
+identity field, for tests and for a warp-free frame difference) and "sea_raft:CKPT[:S|M|L]" (the
+Flax SEA-RAFT with an official PyTorch checkpoint, the network of the published VF-Bench, VideoFusion
+and TemCoCo numbers). Any other network plugs in as a callable, or from the command line as
+"package.module:factory", where `factory()` returns the callable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pathlib
 from typing import Protocol, runtime_checkable
 
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -71,7 +75,46 @@ class ZeroFlow:
     return np.zeros(np.shape(frame_a)[:2] + (2,), np.float32)
 
 
+class SeaRaftFlow:
+  """SEA-RAFT flow. `batched(a, b)` maps (N, H, W, 3) arrays on 0-255 to (N, H, W, 2) in one jitted
+  call (compiled once per shape); calling it on two frames gives one (H, W, 2) field, gray frames
+  ((H, W) or one channel) stacked to RGB as VF-Bench does."""
+
+  def __init__(self, module, params, name: str = "sea_raft"):
+    self.module, self.params, self.name = module, params, name
+    self._apply = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b)["flow"])
+
+  @classmethod
+  def from_checkpoint(cls, path: str, variant: str | None = None, dtype=None) -> "SeaRaftFlow":
+    from vidfusion_jax.models import sea_raft  # pylint: disable=import-outside-toplevel
+    module, params = sea_raft.load(path, variant, dtype)
+    suffix = f":{variant}" if variant else ""
+    return cls(module, params, f"sea_raft:{pathlib.PurePath(path).name}{suffix}")
+
+  def batched(self, frames_a: np.ndarray, frames_b: np.ndarray) -> np.ndarray:
+    a, b = (jnp.asarray(x, jnp.float32) for x in (frames_a, frames_b))
+    return np.asarray(self._apply(self.params, a, b), np.float32)
+
+  def __call__(self, frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
+    rgb = lambda x: np.broadcast_to(np.asarray(x, np.float32).reshape(
+        np.shape(x)[:2] + (-1,)), np.shape(x)[:2] + (3,))[None]
+    return self.batched(rgb(frame_a), rgb(frame_b))[0]
+
+
 FLOW_BACKENDS = {"farneback": FarnebackFlow, "zero": ZeroFlow}
+SEA_RAFT_PREFIX = "sea_raft:"
+
+
+def parse_sea_raft_spec(spec: str) -> tuple[str, str | None]:
+  """"sea_raft:CKPT[:variant]" -> (CKPT, variant or None)."""
+  from vidfusion_jax.models import sea_raft  # pylint: disable=import-outside-toplevel
+  path, _, variant = spec.removeprefix(SEA_RAFT_PREFIX).rpartition(":")
+  if not path or variant not in sea_raft.VARIANTS:
+    path, variant = spec.removeprefix(SEA_RAFT_PREFIX), None
+  if not path:
+    raise ValueError(f"{spec!r}: give the checkpoint path, e.g. "
+                     "sea_raft:Tartan-C-T-TSKH-spring540x960-S.pth[:S]")
+  return path, variant
 
 
 def get_flow_backend(spec: str | FlowBackend) -> FlowBackend:
@@ -80,6 +123,12 @@ def get_flow_backend(spec: str | FlowBackend) -> FlowBackend:
     return spec
   if spec in FLOW_BACKENDS:
     return FLOW_BACKENDS[spec]()
+  if spec.startswith(SEA_RAFT_PREFIX):
+    path, variant = parse_sea_raft_spec(spec)
+    if not pathlib.Path(path).is_file():
+      raise ValueError(f"SEA-RAFT checkpoint {path!r} not found (nothing is downloaded: get e.g. "
+                       "Tartan-C-T-TSKH-spring540x960-S.pth from the SEA-RAFT release)")
+    return SeaRaftFlow.from_checkpoint(path, variant)
   if ":" in spec:
     module_name, _, attr = spec.partition(":")
     try:
@@ -87,8 +136,9 @@ def get_flow_backend(spec: str | FlowBackend) -> FlowBackend:
     except (ImportError, AttributeError) as error:
       raise ValueError(f"cannot load flow backend {spec!r}: {error}") from error
     return factory()
-  raise ValueError(f"unknown flow backend {spec!r}: use one of {sorted(FLOW_BACKENDS)} or "
-                   "'package.module:factory' returning a flow(frame_a, frame_b) callable")
+  raise ValueError(f"unknown flow backend {spec!r}: use one of {sorted(FLOW_BACKENDS)}, "
+                   "'sea_raft:CKPT[:S|M|L]' or 'package.module:factory' returning a "
+                   "flow(frame_a, frame_b) callable")
 
 
 def backend_name(flow: FlowBackend) -> str:

@@ -23,6 +23,7 @@ All are 0 on a static video and lower is better. Video values are means over the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable, Sequence
 
 import jax
@@ -188,3 +189,109 @@ def temporal_metrics(fused: Iterable[np.ndarray], ir: Iterable[np.ndarray],
   for f, a, b in zip(fused, ir, vis):
     meter.update(f, a, b)
   return meter.result()
+
+
+# --- VF-Bench's protocol (BiSWE and MS2R exactly as its reference code computes them) -----------
+
+VFBENCH_OCCLUSION_THRESHOLD = 1.0  # px, forward-backward consistency (strict <)
+VFBENCH_MIN_FRAMES = 5  # the reference skips shorter sequences (5-frame windows)
+
+
+def vfbench_flow_pairs(num_frames: int) -> list[tuple[int, int]]:
+  """The distinct (a, b) frame pairs whose flow VF-Bench's BiSWE and MS2R read for one stream:
+  both directions between neighbours, and (0, 0), (T-1, T-1) where the clamped ends pair a frame
+  with itself. 2T pairs (one for T = 1)."""
+  pairs = {(0, 0), (num_frames - 1, num_frames - 1)}
+  for t in range(num_frames - 1):
+    pairs.update({(t, t + 1), (t + 1, t)})
+  return sorted(pairs)
+
+
+def _occlusion_mask(flow_ab: jax.Array, flow_ba: jax.Array) -> jax.Array:
+  """1 where || f_ab + f_ba warped onto a's grid by f_ab ||_2 < 1 px."""
+  residual = flow_ab + warp(flow_ba, flow_ab)
+  return (jnp.sqrt(jnp.sum(residual * residual, -1)) < VFBENCH_OCCLUSION_THRESHOLD).astype(
+      jnp.float32)
+
+
+def _masked_self_warping_error(cur, neighbour, flow_cur_to_neighbour, mask):
+  diff = jnp.mean(jnp.abs(cur - warp(neighbour, flow_cur_to_neighbour)), -1)
+  return jnp.sum(mask * diff) / (jnp.sum(mask) + 1e-10)
+
+
+@jax.jit
+@functools.partial(jax.vmap, in_axes=(0, 0, 0, 0, 0))
+def _vfbench_frame(fused, cur2prev, prev2cur, cur2next, next2cur):
+  """Per-frame BiSWE and MS2R terms. fused (3, H, W, 3) = (G_p, G_t, G_n); each flow argument is
+  (3, H, W, 2) over the streams (fused, IR, VIS)."""
+  g_prev, g_cur, g_next = fused
+  mask_prev = _occlusion_mask(cur2prev[1], prev2cur[1]) * _occlusion_mask(cur2prev[2], prev2cur[2])
+  mask_next = _occlusion_mask(cur2next[1], next2cur[1]) * _occlusion_mask(cur2next[2], next2cur[2])
+  err_prev = _masked_self_warping_error(g_cur, g_prev, cur2prev[0], mask_prev)
+  err_next = _masked_self_warping_error(g_cur, g_next, cur2next[0], mask_next)
+  second_difference = cur2next - prev2cur  # (3, H, W, 2): fused, IR, VIS
+  d_ir, d_vis = (jnp.mean(jnp.abs(second_difference[0] - second_difference[s])) for s in (1, 2))
+  return {"BiSWE": err_prev + err_next, "MS2R": 0.5 * (d_ir + d_vis), "err_prev": err_prev,
+          "err_next": err_next, "d_ir": d_ir, "d_vis": d_vis, "mask_prev": mask_prev,
+          "mask_next": mask_next}
+
+
+def _vfbench_stream(video: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  video = np.asarray(video, np.float32)
+  if name == "ir" and video.ndim == 3:
+    video = np.repeat(video[..., None], 3, -1)
+  if name == "ir" and video.ndim == 4 and video.shape[-1] == 1:
+    video = np.repeat(video, 3, -1)
+  if video.shape != shape:
+    raise ValueError(f"{name} must be (T, H, W, 3){' or (T, H, W)' if name == 'ir' else ''} "
+                     f"matching fused {shape}; got {video.shape}")
+  return np.round(video)  # torch.round: half to even, no clipping
+
+
+def vfbench_temporal(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray, flow_fn,
+                     batch_size: int = 8) -> dict[str, np.ndarray]:
+  """VF-Bench's per-frame BiSWE and MS2R of a fused video (lower is better).
+
+  fused and vis are (T, H, W, 3), ir is (T, H, W) or (T, H, W, 3), all on 0-255; they are rounded
+  half-to-even like the reference. `flow_fn(a, b)` maps two (N, H, W, 3) arrays to the (N, H, W, 2)
+  flow from a to b (SEA-RAFT spring-S for published numbers). Frame t uses the clamped neighbours
+  p = max(t-1, 0), n = min(t+1, T-1):
+
+    BiSWE(t) = sum_{k in p, n} sum_x m_k(x) mean_c |G_t - warp(G_k, f_G(t, k))| / (sum_x m_k + 1e-10),
+      m_k = product over IR and VIS of [|| f_S(t, k) + warp(f_S(k, t), f_S(t, k)) ||_2 < 1];
+    MS2R(t)  = 0.5 * sum_{S in IR, VIS} mean | (f_G(t, n) - f_G(p, t)) - (f_S(t, n) - f_S(p, t)) |.
+
+  Each of the 6T distinct flows is computed once, `batch_size` pairs per `flow_fn` call (the last
+  call is padded to the same size, so a jitted flow_fn compiles once). Returns (T,) float64 arrays
+  "BiSWE", "MS2R" and their terms "err_prev", "err_next", "d_ir", "d_vis", and the (T, H, W)
+  masks "mask_prev", "mask_next". The dataset number is the mean over all frames of all videos.
+  """
+  fused = np.asarray(fused, np.float32)
+  if fused.ndim != 4 or fused.shape[-1] != 3 or fused.shape[0] < 1 or min(fused.shape[1:3]) < 2:
+    raise ValueError(f"fused must be (T, H, W, 3) with T >= 1 and H, W >= 2; got {fused.shape}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive; got {batch_size}")
+  streams = np.stack([_vfbench_stream(fused, "fused", fused.shape),
+                      _vfbench_stream(ir, "ir", fused.shape),
+                      _vfbench_stream(vis, "vis", fused.shape)])  # (3, T, H, W, 3)
+  num_frames = fused.shape[0]
+  pairs = vfbench_flow_pairs(num_frames)
+  jobs = [(s, a, b) for s in range(3) for a, b in pairs]
+  jobs += jobs[-1:] * (-len(jobs) % batch_size)
+  flows = []
+  for start in range(0, len(jobs), batch_size):
+    s, a, b = (np.asarray(c) for c in zip(*jobs[start:start + batch_size]))
+    field = np.asarray(flow_fn(streams[s, a], streams[s, b]), np.float32)
+    if field.shape != (len(s),) + fused.shape[1:3] + (2,):
+      raise ValueError(f"flow_fn returned shape {field.shape}; expected "
+                       f"{(len(s),) + fused.shape[1:3] + (2,)}")
+    flows.append(field)
+  flows = np.concatenate(flows)[:3 * len(pairs)].reshape((3, len(pairs)) + flows[0].shape[1:])
+  index = {pair: i for i, pair in enumerate(pairs)}
+  t = np.arange(num_frames)
+  p, n = np.maximum(t - 1, 0), np.minimum(t + 1, num_frames - 1)
+  gather = lambda a, b: jnp.asarray(np.moveaxis(flows[:, [index[k] for k in zip(a, b)]], 0, 1))
+  out = _vfbench_frame(jnp.asarray(np.moveaxis(streams[0][np.stack([p, t, n])], 0, 1)),
+                       gather(t, p), gather(p, t), gather(t, n), gather(n, t))
+  return {k: np.asarray(v, np.float32 if k.startswith("mask") else np.float64)
+          for k, v in out.items()}
