@@ -1,0 +1,103 @@
+"""VF-Bench's BiSWE and MS2R protocol against the reference's per-frame values (golden), from the
+stored flows and from the Flax SEA-RAFT."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vidfusion_jax import models, weights
+from vidfusion_jax.metrics import flow as flow_lib
+from vidfusion_jax.metrics import temporal
+
+
+@pytest.fixture(scope="module")
+def golden(shared):
+  return np.load(shared("golden/vfbench_temporal.npz"))
+
+
+class StoredFlows:
+  """flow_fn answering from the golden file's flows (looked up by frame content); records calls."""
+
+  def __init__(self, golden):
+    self.table, self.calls = {}, []
+    for stream in ("fused", "ir", "vis"):
+      video = golden[f"input/{stream}"]
+      for key in golden.files:
+        if key.startswith(f"flow/{stream}/"):
+          a, b = map(int, key.rsplit("/", 1)[1].split("_"))
+          self.table[(video[a].tobytes(), video[b].tobytes())] = golden[key]
+
+  def __call__(self, frames_a, frames_b):
+    self.calls.append(len(frames_a))
+    return np.stack([self.table[(a.tobytes(), b.tobytes())] for a, b in zip(frames_a, frames_b)])
+
+
+def _assert_matches_reference(result, golden, rtol):
+  for name in ("BiSWE", "MS2R"):
+    assert result[name].shape == (5,)
+    np.testing.assert_allclose(result[name], golden[name], rtol=rtol, atol=1e-6)
+  np.testing.assert_allclose(result["BiSWE"].mean(), golden["mean/BiSWE"], rtol=rtol)
+  np.testing.assert_allclose(result["MS2R"].mean(), golden["mean/MS2R"], rtol=rtol)
+
+
+@pytest.mark.parametrize("ir_key", ["input/ir", "input/ir_gray"])
+def test_per_frame_values_from_the_reference_flows(golden, ir_key):
+  flow_fn = StoredFlows(golden)
+  result = temporal.vfbench_temporal(golden["input/fused"], golden[ir_key], golden["input/vis"],
+                                     flow_fn, batch_size=7)
+  assert flow_fn.calls == [7, 7, 7, 7, 7]  # 30 distinct flows (6T), the last call padded
+  _assert_matches_reference(result, golden, 1e-5)
+  for part in ("err_prev", "err_next"):
+    np.testing.assert_allclose(result[part], golden[f"biswe/{part}"], rtol=1e-5)
+  for part in ("d_ir", "d_vis"):
+    np.testing.assert_allclose(result[part], golden[f"ms2r/{part}"], rtol=1e-5)
+  for side in ("prev", "next"):
+    np.testing.assert_array_equal(result[f"mask_{side}"], golden[f"mask/{side}"])
+
+
+def test_every_reference_flow_is_requested_exactly_once(golden):
+  assert set(temporal.vfbench_flow_pairs(5)) == {
+      tuple(map(int, k.rsplit("/", 1)[1].split("_"))) for k in golden.files
+      if k.startswith("flow/ir/")}
+  assert len(temporal.vfbench_flow_pairs(20)) == 40 and temporal.vfbench_flow_pairs(1) == [(0, 0)]
+
+
+def test_protocol_details_move_the_numbers(golden):
+  """Rounding is half to even and unclipped; a changed neighbour frame changes only its frames."""
+  flow_fn = StoredFlows(golden)
+  fused = golden["input/fused"]
+  base = temporal.vfbench_temporal(fused, golden["input/ir"], golden["input/vis"], flow_fn)
+  shifted = temporal.vfbench_temporal(fused + 0.4, golden["input/ir"] - 0.4, golden["input/vis"],
+                                      flow_fn)
+  np.testing.assert_array_equal(shifted["BiSWE"], base["BiSWE"])
+  bright = fused.copy()
+  bright[4] = bright[4] + 30
+  with pytest.raises(KeyError):  # the flows of frame 4 are new frames: the table has none
+    temporal.vfbench_temporal(bright, golden["input/ir"], golden["input/vis"], flow_fn)
+
+
+def test_input_validation(golden):
+  fused, ir, vis = golden["input/fused"], golden["input/ir"], golden["input/vis"]
+  with pytest.raises(ValueError, match="vis must be"):
+    temporal.vfbench_temporal(fused, ir, vis[:4], StoredFlows(golden))
+  with pytest.raises(ValueError, match="fused must be"):
+    temporal.vfbench_temporal(fused[..., 0], ir, vis, StoredFlows(golden))
+  with pytest.raises(ValueError, match="flow_fn returned shape"):
+    temporal.vfbench_temporal(fused, ir, vis, lambda a, b: np.zeros(a.shape[:3] + (3,)))
+
+
+@pytest.mark.slow
+def test_per_frame_values_with_the_flax_sea_raft(shared, golden):
+  network = np.load(shared("golden/searaft_s.npz"))
+  assert str(network["meta/weights_sha256"]) == str(golden["meta/weights_sha256"])
+  model = models.from_reference_config("sea_raft", json.loads(str(network["config_json"])))
+  params = weights.from_torch_state_dict("sea_raft", {
+      k.removeprefix("state_dict/"): network[k] for k in network.files
+      if k.startswith("state_dict/")})
+  flow = flow_lib.SeaRaftFlow(model, params)
+  result = temporal.vfbench_temporal(golden["input/fused"], golden["input/ir_gray"],
+                                     golden["input/vis"], flow.batched, batch_size=10)
+  _assert_matches_reference(result, golden, 1e-3)
+  single = flow(golden["input/ir_gray"][0], golden["input/ir_gray"][1])  # gray -> RGB
+  np.testing.assert_allclose(single, golden["flow/ir/0_1"], atol=5e-6)
