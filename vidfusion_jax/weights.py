@@ -19,6 +19,7 @@ import numpy as np
 
 from vidfusion_jax import files
 from vidfusion_jax import models
+from vidfusion_jax.models import resnet
 from vidfusion_jax.models import sea_raft
 from vidfusion_jax.models import teachers
 from vidfusion_jax.models import temcoco
@@ -146,6 +147,8 @@ _MAPPINGS: dict[str, TorchMapping] = {
     "vgg19": TorchMapping(teachers.vgg19_abstract_params, **teachers.TORCH_NAMING),
     "dinov2": TorchMapping(teachers.dinov2_abstract_params, **teachers.TORCH_NAMING),
     "sea_raft": TorchMapping(sea_raft.abstract_params, prepare=sea_raft.drop_aliases,
+                             **sea_raft.TORCH_NAMING),
+    "resnet18": TorchMapping(resnet.abstract_params, prepare=resnet.drop_counters,
                              **sea_raft.TORCH_NAMING),
 }
 

@@ -74,26 +74,30 @@ class LayerNorm(nn.Module):
 
 
 def _conv(features: int, kernel: int, name: str, stride: int = 1, groups: int = 1,
-          dtype: Dtype = None) -> nn.Conv:
+          dtype: Dtype = None, use_bias: bool = True) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=kernel // 2,
-                 feature_group_count=groups, dtype=dtype, name=name)
+                 feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
-  """ResNet basic block; the projection shortcut is `downsample.0` (conv) and `.1` (BatchNorm)."""
+  """ResNet basic block; the projection shortcut is `downsample.0` (conv) and `.1` (BatchNorm).
+  SEA-RAFT's convs have biases and its branch ends in a ReLU; torchvision's (`use_bias=False`,
+  `branch_relu=False`) do not."""
   features: int
   stride: int = 1
   dtype: Dtype = None
+  use_bias: bool = True
+  branch_relu: bool = True
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(BatchNorm(self.dtype, name="bn1")(
-        _conv(self.features, 3, "conv1", self.stride, dtype=self.dtype)(x)))
-    y = nn.relu(BatchNorm(self.dtype, name="bn2")(
-        _conv(self.features, 3, "conv2", dtype=self.dtype)(y)))
+    conv = functools.partial(_conv, dtype=self.dtype, use_bias=self.use_bias)
+    y = nn.relu(BatchNorm(self.dtype, name="bn1")(conv(self.features, 3, "conv1", self.stride)(x)))
+    y = BatchNorm(self.dtype, name="bn2")(conv(self.features, 3, "conv2")(y))
+    y = nn.relu(y) if self.branch_relu else y
     if self.stride != 1 or x.shape[-1] != self.features:
       x = BatchNorm(self.dtype, name="downsample_1")(
-          _conv(self.features, 1, "downsample_0", self.stride, dtype=self.dtype)(x))
+          conv(self.features, 1, "downsample_0", self.stride)(x))
     return nn.relu(x + y)
 
 
