@@ -101,3 +101,31 @@ def test_per_frame_values_with_the_flax_sea_raft(shared, golden):
   _assert_matches_reference(result, golden, 1e-3)
   single = flow(golden["input/ir_gray"][0], golden["input/ir_gray"][1])  # gray -> RGB
   np.testing.assert_allclose(single, golden["flow/ir/0_1"], atol=5e-6)
+
+
+def test_temcoco_flowd_follows_the_released_flow_direction_and_size():
+  rng = np.random.default_rng(3)
+  base = rng.uniform(0, 255, (30, 40, 3)).astype(np.float32)
+  # Content moves by (+2, +1) px per frame: F_t(x) = F_{t-1}(x - (2, 1)).
+  video = np.stack([np.roll(base, (t, 2 * t), (0, 1)) for t in range(3)])
+  seen = []
+
+  def flow_fn(a, b):  # the forward flow of VIS_{t-1} -> VIS_t, at the resized size
+    seen.append((a.shape, np.array_equal(a[0], b[0])))
+    field = np.zeros(a.shape[:3] + (2,), np.float32)
+    return field + np.array([2 * 960 / 40, 1 * 432 / 30], np.float32)
+
+  values = temporal.temcoco_flowd(video, video, flow_fn, batch_size=2)
+  assert seen == [((2, 432, 960, 3), False)]
+  assert values.shape == (2,)
+  warped = np.stack([np.roll(video[t], (1, 2), (0, 1)) for t in range(2)])
+  shift_back = lambda frame: frame[np.clip(np.arange(30) - 1, 0, 29)][:, np.clip(np.arange(40) - 2,
+                                                                              0, 39)]
+  warped = np.stack([shift_back(video[t]) for t in range(2)])  # F_{t-1}(x - (2, 1)), border clamped
+  expected = np.sqrt(np.sum((video[1:] - warped) ** 2, -1))
+  assert np.all(expected[:, 1:, 2:] == 0)  # exact alignment away from the clamped border
+  np.testing.assert_allclose(values, expected.mean((1, 2)), rtol=1e-5)
+  gray = temporal.temcoco_flowd(video[..., 0], video, lambda a, b: np.zeros(
+      a.shape[:3] + (2,), np.float32) + np.array([2, 1], np.float32), flow_size=None)
+  np.testing.assert_allclose(gray, np.abs(video[1:, ..., 0] - warped[..., 0]).mean((1, 2)),
+                             rtol=1e-5)

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 from typing import Iterable, Sequence
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,6 +198,26 @@ VFBENCH_OCCLUSION_THRESHOLD = 1.0  # px, forward-backward consistency (strict <)
 VFBENCH_MIN_FRAMES = 5  # the reference skips shorter sequences (5-frame windows)
 
 
+def batched_flows(flow_fn, frames_a: np.ndarray, frames_b: np.ndarray,
+                  batch_size: int) -> np.ndarray:
+  """flow_fn over (N, H, W, 3) pairs, `batch_size` per call; the last call is padded to full size
+  so that a jitted flow_fn compiles once. Returns float32 (N, H, W, 2)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive; got {batch_size}")
+  count = len(frames_a)
+  pad = lambda x: np.concatenate([x, x[-1:].repeat(-count % batch_size, 0)])
+  frames_a, frames_b = pad(frames_a), pad(frames_b)
+  expected = (batch_size,) + frames_a.shape[1:3] + (2,)
+  flows = []
+  for start in range(0, len(frames_a), batch_size):
+    field = np.asarray(flow_fn(frames_a[start:start + batch_size],
+                               frames_b[start:start + batch_size]), np.float32)
+    if field.shape != expected:
+      raise ValueError(f"flow_fn returned shape {field.shape}; expected {expected}")
+    flows.append(field)
+  return np.concatenate(flows)[:count]
+
+
 def vfbench_flow_pairs(num_frames: int) -> list[tuple[int, int]]:
   """The distinct (a, b) frame pairs whose flow VF-Bench's BiSWE and MS2R read for one stream:
   both directions between neighbours, and (0, 0), (T-1, T-1) where the clamped ends pair a frame
@@ -269,24 +290,15 @@ def vfbench_temporal(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray, flow_fn
   fused = np.asarray(fused, np.float32)
   if fused.ndim != 4 or fused.shape[-1] != 3 or fused.shape[0] < 1 or min(fused.shape[1:3]) < 2:
     raise ValueError(f"fused must be (T, H, W, 3) with T >= 1 and H, W >= 2; got {fused.shape}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive; got {batch_size}")
   streams = np.stack([_vfbench_stream(fused, "fused", fused.shape),
                       _vfbench_stream(ir, "ir", fused.shape),
                       _vfbench_stream(vis, "vis", fused.shape)])  # (3, T, H, W, 3)
   num_frames = fused.shape[0]
   pairs = vfbench_flow_pairs(num_frames)
   jobs = [(s, a, b) for s in range(3) for a, b in pairs]
-  jobs += jobs[-1:] * (-len(jobs) % batch_size)
-  flows = []
-  for start in range(0, len(jobs), batch_size):
-    s, a, b = (np.asarray(c) for c in zip(*jobs[start:start + batch_size]))
-    field = np.asarray(flow_fn(streams[s, a], streams[s, b]), np.float32)
-    if field.shape != (len(s),) + fused.shape[1:3] + (2,):
-      raise ValueError(f"flow_fn returned shape {field.shape}; expected "
-                       f"{(len(s),) + fused.shape[1:3] + (2,)}")
-    flows.append(field)
-  flows = np.concatenate(flows)[:3 * len(pairs)].reshape((3, len(pairs)) + flows[0].shape[1:])
+  s, a, b = (np.asarray(c) for c in zip(*jobs))
+  flows = batched_flows(flow_fn, streams[s, a], streams[s, b], batch_size)
+  flows = flows.reshape((3, len(pairs)) + flows.shape[1:])
   index = {pair: i for i, pair in enumerate(pairs)}
   t = np.arange(num_frames)
   p, n = np.maximum(t - 1, 0), np.minimum(t + 1, num_frames - 1)
@@ -295,3 +307,52 @@ def vfbench_temporal(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray, flow_fn
                        gather(t, p), gather(p, t), gather(t, n), gather(n, t))
   return {k: np.asarray(v, np.float32 if k.startswith("mask") else np.float64)
           for k, v in out.items()}
+
+
+# --- TemCoCo's flowD as released, with the unreleased flow and warp steps chosen (docs/metrics.md) --
+
+TEMCOCO_FLOW_SIZE = (432, 960)  # (H, W) the released code's comment resizes frames to for the flow
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """cv2.resize (bilinear, INTER_LINEAR) of each (H, W, C) frame to (height, width)."""
+  return np.stack([cv2.resize(f, size[::-1], interpolation=cv2.INTER_LINEAR).reshape(
+      size + f.shape[2:]) for f in frames])
+
+
+def temcoco_flowd(fused: np.ndarray, vis: np.ndarray, flow_fn,
+                  flow_size: tuple[int, int] | None = TEMCOCO_FLOW_SIZE,
+                  batch_size: int = 8) -> np.ndarray:
+  """TemCoCo's flowD per frame (T-1,), t = 1..T-1, lower is better:
+
+    flowD(t) = mean_x || F_t(x) - F_{t-1}(x - f(x)) ||_2,  f = flow_fn(VIS_{t-1}, VIS_t),
+
+  the L2 norm over the channels of the frames as given (0-255, colour or one channel). As released,
+  the flow runs from the previous to the current visible frame, on frames resized to `flow_size`
+  (bilinear; None keeps the size) and is resized back with its components rescaled. The released
+  code does not include its warp: here F_{t-1} is sampled at x - f(x) (bilinear, border), the usual
+  remap approximation of moving a frame along its own forward flow.
+  """
+  fused = np.asarray(fused, np.float32)
+  vis = np.asarray(vis, np.float32)
+  if fused.ndim == 3:
+    fused = fused[..., None]
+  if vis.ndim == 3:
+    vis = vis[..., None]
+  if fused.shape[:3] != vis.shape[:3] or fused.shape[0] < 2 or vis.shape[-1] not in (1, 3):
+    raise ValueError(f"fused and vis must be (T, H, W[, C]) videos of one size with T >= 2; got "
+                     f"{fused.shape} and {vis.shape}")
+  height, width = fused.shape[1:3]
+  rgb = np.broadcast_to(vis, vis.shape[:3] + (3,))
+  if flow_size is not None:
+    rgb = _resize(np.ascontiguousarray(rgb), tuple(flow_size))
+  flows = batched_flows(flow_fn, rgb[:-1], rgb[1:], batch_size)
+  if flow_size is not None:
+    flows = _resize(flows, (height, width)) * np.array(
+        [width / flow_size[1], height / flow_size[0]], np.float32)
+  return np.asarray(_flowd_errors(jnp.asarray(fused), jnp.asarray(flows)), np.float64)
+
+
+@jax.jit
+def _flowd_errors(fused, flows):
+  return jax.vmap(lambda cur, prev, flow: warp_error(cur, prev, -flow))(fused[1:], fused[:-1], flows)
