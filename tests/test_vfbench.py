@@ -91,11 +91,7 @@ def test_input_validation(golden):
 def test_per_frame_values_with_the_flax_sea_raft(shared, golden):
   network = np.load(shared("golden/searaft_s.npz"))
   assert str(network["meta/weights_sha256"]) == str(golden["meta/weights_sha256"])
-  model = models.from_reference_config("sea_raft", json.loads(str(network["config_json"])))
-  params = weights.from_torch_state_dict("sea_raft", {
-      k.removeprefix("state_dict/"): network[k] for k in network.files
-      if k.startswith("state_dict/")})
-  flow = flow_lib.SeaRaftFlow(model, params)
+  flow = flow_lib.SeaRaftFlow(*sea_raft_module(network))
   result = temporal.vfbench_temporal(golden["input/fused"], golden["input/ir_gray"],
                                      golden["input/vis"], flow.batched, batch_size=10)
   _assert_matches_reference(result, golden, 1e-3)
@@ -129,3 +125,83 @@ def test_temcoco_flowd_follows_the_released_flow_direction_and_size():
       a.shape[:3] + (2,), np.float32) + np.array([2, 1], np.float32), flow_size=None)
   np.testing.assert_allclose(gray, np.abs(video[1:, ..., 0] - warped[..., 0]).mean((1, 2)),
                              rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def split_dataset(golden, tmp_path_factory):
+  """A VTMOT-style dataset root with one sequence listed by a split CSV (5 golden frames, cropped
+  to 40x48), and the mean-fused video of it as a frame folder."""
+  from vidfusion_jax import frames  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("vtmot")
+  ir, vis = (golden[f"input/{k}"][:, :40, :48].astype(np.uint8) for k in ("ir", "vis"))
+  rows = ["ir,rgb"]
+  for t in range(5):
+    frames.write_png(root / "seq-01" / "infrared" / f"{t:06d}.png", ir[t])
+    frames.write_png(root / "seq-01" / "visible" / f"{t:06d}.png", vis[t])
+    rows.append(f"infrared/{t:06d}.png,visible/{t:06d}.png")
+  (root / "seq-01.csv").write_text("\n".join(rows) + "\n")
+  fused = np.round(0.5 * ir.astype(np.float32) + 0.5 * vis).astype(np.uint8)
+  for t in range(5):
+    frames.write_png(root / "fused" / f"{t:04d}.png", fused[t])
+  return {"root": root, "ir": ir, "vis": vis, "fused": fused}
+
+
+def _read_per_frame(out, name):
+  import csv  # pylint: disable=import-outside-toplevel
+  with open(out / "per_frame.csv") as f:
+    return np.array([float(r[name]) for r in csv.DictReader(f)])
+
+
+def test_evaluate_vfbench_protocol_on_a_split_csv(split_dataset, tmp_path, capsys):
+  from vidfusion_jax import evaluate  # pylint: disable=import-outside-toplevel
+  data, out = split_dataset, tmp_path / "report"
+  args = [f"--split={data['root'] / 'seq-01.csv'}", f"--split-root={data['root']}",
+          f"--fused=mean={data['root'] / 'fused'}", f"--output={out}", "--metrics=none",
+          "--temporal=BiSWE,MS2R,flowD", "--protocol=vfbench", "--flow=zero", "--flow-batch=3"]
+  assert evaluate.main(args) == 0
+  assert "vfbench protocol" in capsys.readouterr().out
+  zero = lambda a, b: np.zeros(a.shape[:3] + (2,), np.float32)
+  expected = temporal.vfbench_temporal(data["fused"], data["ir"], data["vis"], zero)
+  np.testing.assert_allclose(_read_per_frame(out, "BiSWE"), expected["BiSWE"], rtol=1e-6)
+  np.testing.assert_allclose(_read_per_frame(out, "MS2R"), expected["MS2R"], rtol=1e-6)
+  flowd = temporal.temcoco_flowd(data["fused"], data["vis"], zero)
+  np.testing.assert_allclose(_read_per_frame(out, "flowD")[1:], flowd, rtol=1e-6)
+  summary = json.loads((out / "summary.json").read_text())["mean"]
+  assert summary["protocol"] == "vfbench"
+  assert summary["flow_backend"] == "zero (not comparable with published tables)"
+  np.testing.assert_allclose(summary["BiSWE"], expected["BiSWE"].mean(), rtol=1e-6)
+  assert evaluate.main(args + [f"--ir={data['root']}"]) == 2
+  assert "--split replaces --ir" in capsys.readouterr().err
+  (data["root"] / "bad.csv").write_text("infrared,visible\na.png,b.png\n")
+  assert evaluate.main([*args[1:], f"--split={data['root'] / 'bad.csv'}"]) == 2
+  assert "must name the columns 'ir' and 'rgb'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_sea_raft_checkpoint(shared, split_dataset, tmp_path, capsys):
+  """--flow=sea_raft:CKPT:S end to end on 40x48 frames (below the reference's 121 px minimum)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from vidfusion_jax import evaluate  # pylint: disable=import-outside-toplevel
+  network = np.load(shared("golden/searaft_s.npz"))
+  checkpoint = tmp_path / "random-S.pth"
+  torch.save({k.removeprefix("state_dict/"): torch.from_numpy(np.array(network[k]))
+              for k in network.files if k.startswith("state_dict/")}, checkpoint)
+  data, out = split_dataset, tmp_path / "report"
+  assert evaluate.main([f"--split={data['root'] / 'seq-01.csv'}", f"--split-root={data['root']}",
+                        f"--fused=mean={data['root'] / 'fused'}", f"--output={out}",
+                        "--metrics=none", "--temporal=BiSWE,MS2R", "--protocol=vfbench",
+                        f"--flow=sea_raft:{checkpoint}:S", "--flow-batch=10"]) == 0
+  capsys.readouterr()
+  summary = json.loads((out / "summary.json").read_text())["mean"]
+  assert summary["flow_backend"] == "sea_raft:random-S.pth:S"
+  flow = flow_lib.SeaRaftFlow(*sea_raft_module(network))
+  expected = temporal.vfbench_temporal(data["fused"], data["ir"], data["vis"], flow.batched, 10)
+  np.testing.assert_allclose(_read_per_frame(out, "BiSWE"), expected["BiSWE"], rtol=1e-5)
+  np.testing.assert_allclose(_read_per_frame(out, "MS2R"), expected["MS2R"], rtol=1e-5)
+
+
+def sea_raft_module(network):
+  model = models.from_reference_config("sea_raft", json.loads(str(network["config_json"])))
+  return model, weights.from_torch_state_dict("sea_raft", {
+      k.removeprefix("state_dict/"): network[k] for k in network.files
+      if k.startswith("state_dict/")})

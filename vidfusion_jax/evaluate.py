@@ -1,11 +1,12 @@
 """Scores fused videos against their infrared and visible sources.
 
   python -m vidfusion_jax.evaluate --ir=IR --vis=VIS --fused NAME=PATH [--fused NAME2=PATH2 ...] \\
-      --output=DIR
+      --output=DIR [--protocol=vfbench --flow=sea_raft:CKPT[:S|M|L]]
 
-Every PATH is a folder of frames or a video file; PATH and DIR may be `gs://` or `s3://` URLs (the
-`cloud` extra). Writes, under DIR: per_frame.csv, summary.csv,
-summary.json, summary.md (one row per method), curves/<metric>.png (per-frame curves of every
+Every PATH is a folder of frames or a video file; `--split=CSV --split-root=DIR` (a VF-Bench split
+CSV and its dataset root) replaces --ir and --vis. PATH and DIR may be `gs://` or `s3://` URLs (the
+`cloud` extra). Writes, under DIR: per_frame.csv, summary.csv, summary.json, summary.md (one row per
+method, naming the temporal protocol and flow backend), curves/<metric>.png (per-frame curves of every
 method) and profiles/<method>.png (one pixel column of every frame, stacked over time). See
 docs/metrics.md.
 """
@@ -32,6 +33,10 @@ import tqdm  # pylint: disable=wrong-import-position
 from vidfusion_jax import files  # pylint: disable=wrong-import-position
 from vidfusion_jax import frames as frames_lib  # pylint: disable=wrong-import-position
 from vidfusion_jax import metrics  # pylint: disable=wrong-import-position
+from vidfusion_jax import splits  # pylint: disable=wrong-import-position
+from vidfusion_jax.metrics import feacd as feacd_lib  # pylint: disable=wrong-import-position
+from vidfusion_jax.metrics import flow as flow_lib  # pylint: disable=wrong-import-position
+from vidfusion_jax.metrics import temporal as temporal_lib  # pylint: disable=wrong-import-position
 
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -52,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
       description="Spatial (EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, CC, PSNR, MSE) and temporal "
                   "(flowD, BiSWE, MS2R, flicker) metrics of fused videos. PATHs are frame folders "
                   "or video files with the same frame count and frame size.")
-  parser.add_argument("--ir", required=True, help="infrared source: frame folder or video")
-  parser.add_argument("--vis", required=True, help="visible source: frame folder or video")
+  parser.add_argument("--ir", help="infrared source: frame folder or video (or use --split)")
+  parser.add_argument("--vis", help="visible source: frame folder or video (or use --split)")
   parser.add_argument("--fused", required=True, action="append", metavar="NAME=PATH",
                       help="a fused result to score, named NAME (letters, digits, '_', '.', '-'); "
                            "repeat the flag for several methods")
@@ -84,7 +89,76 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frames per jit-compiled spatial-metric call (default: 8)")
   parser.add_argument("--profile-column", type=int, default=None,
                       help="pixel column of the temporal profiles (default: the middle one)")
+  add_temporal_protocol_flags(parser)
   return parser
+
+
+# --- Temporal protocols, learned flow and VF-Bench splits (docs/metrics.md) ---------------------
+PROTOCOLS = ("project", "vfbench")
+NOT_COMPARABLE = "not comparable with published tables"
+
+
+def add_temporal_protocol_flags(parser: argparse.ArgumentParser) -> None:
+  """--protocol, --feacd-weights, --flow-batch, --split and --split-root (--flow is above)."""
+  parser.add_argument("--protocol", default="project", choices=PROTOCOLS,
+                      help="temporal definitions: 'vfbench' = BiSWE and MS2R exactly as VF-Bench "
+                           "(clamped ends, occlusion masks) and flowD as TemCoCo released it; "
+                           "'project' = this project's own definitions (default: project)")
+  parser.add_argument("--feacd-weights", default=None, metavar="RESNET18_PTH",
+                      help="also score TemCoCo's feaCD, with this torchvision ResNet-18 state dict "
+                           "(e.g. resnet18-f37072fd.pth; nothing is downloaded)")
+  parser.add_argument("--flow-batch", type=int, default=4,
+                      help="frame pairs per flow-network call under --protocol=vfbench "
+                           "(default: 4)")
+  parser.add_argument("--split", default=None, metavar="CSV",
+                      help="a VF-Bench split CSV (columns ir,rgb; e.g. data_split/IVF/VTMOT/"
+                           "Vtuav-02.csv) listing the frame pairs, instead of --ir and --vis")
+  parser.add_argument("--split-root", default=None, metavar="DIR",
+                      help="the dataset root of --split: frames are DIR/<CSV name>/<path in CSV>")
+
+
+def flow_label(flow, protocol: str) -> str:
+  """The flow backend as reports name it; only SEA-RAFT under VF-Bench's protocol is comparable."""
+  name = metrics.backend_name(flow)
+  comparable = protocol == "vfbench" and name.startswith(flow_lib.SEA_RAFT_PREFIX)
+  return name if comparable else f"{name} ({NOT_COMPARABLE})"
+
+
+def batched_flow_fn(flow):
+  """flow_fn over (N, H, W, 3) pairs: the backend's own `batched`, else one pair at a time."""
+  if hasattr(flow, "batched"):
+    return flow.batched
+  return lambda a, b: np.stack([flow(x, y) for x, y in zip(a, b)])
+
+
+def published_protocol_metrics(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray,
+                               args: argparse.Namespace) -> dict[str, np.ndarray]:
+  """Per-frame (T,) temporal metrics under --protocol=vfbench; NaN where undefined (flowD at 0)."""
+  out = {}
+  if {"BiSWE", "MS2R"} & set(args.temporal):
+    if len(fused) < temporal_lib.VFBENCH_MIN_FRAMES:
+      raise ValueError(f"--protocol=vfbench needs at least {temporal_lib.VFBENCH_MIN_FRAMES} "
+                       f"frames (VF-Bench skips shorter sequences); got {len(fused)}")
+    scores = temporal_lib.vfbench_temporal(fused, ir, vis, batched_flow_fn(args.flow),
+                                           args.flow_batch)
+    out.update({n: scores[n] for n in ("BiSWE", "MS2R") if n in args.temporal})
+  if "flowD" in args.temporal:
+    flowd = temporal_lib.temcoco_flowd(fused, vis, batched_flow_fn(args.flow),
+                                       batch_size=args.flow_batch)
+    out["flowD"] = np.concatenate([[np.nan], flowd])
+  return out
+
+
+def _input_sources(args: argparse.Namespace) -> tuple[splits.FrameSource, splits.FrameSource]:
+  if args.split is None:
+    if args.ir is None or args.vis is None:
+      raise ValueError("give --ir and --vis, or --split with --split-root")
+    return files.as_path(args.ir), files.as_path(args.vis)
+  if args.ir is not None or args.vis is not None or args.split_root is None:
+    raise ValueError("--split replaces --ir and --vis and needs --split-root")
+  split = splits.read_vfbench_split(args.split, args.split_root)
+  return split.ir, split.vis
+# --- end of the temporal protocol block ---------------------------------------------------------
 
 
 def _parse_fused(specs: Sequence[str]) -> dict[str, files.Path]:
@@ -101,13 +175,13 @@ def _parse_fused(specs: Sequence[str]) -> dict[str, files.Path]:
   return methods
 
 
-def _check_inputs(paths: dict[str, files.Path], max_frames: int | None) -> int:
+def _check_inputs(paths: dict[str, splits.FrameSource], max_frames: int | None) -> int:
   """Frame count to score; raises if the inputs disagree."""
   counts = {}
   for label, path in paths.items():
-    if not path.exists():
+    if not isinstance(path, (list, tuple)) and not path.exists():
       raise FileNotFoundError(f"{label}: {path} does not exist")
-    counts[label] = frames_lib.count_frames(path)
+    counts[label] = splits.count_frames(path)
   listing = ", ".join(f"{label} {n}" for label, n in counts.items())
   if min(counts.values()) == 0:
     raise ValueError(f"an input holds no frames ({listing})")
@@ -119,9 +193,9 @@ def _check_inputs(paths: dict[str, files.Path], max_frames: int | None) -> int:
   return next(iter(counts.values()))
 
 
-def _triples(fused: files.Path, ir: files.Path, vis: files.Path,
+def _triples(fused: files.Path, ir: splits.FrameSource, vis: splits.FrameSource,
              count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  readers = [frames_lib.iter_frames(p) for p in (fused, ir, vis)]
+  readers = [splits.iter_frames(p) for p in (fused, ir, vis)]
   for index, triple in enumerate(itertools.islice(zip(*readers), count)):
     shapes = [x.shape for x in triple]
     if not shapes[0] == shapes[1] == shapes[2]:
@@ -130,11 +204,15 @@ def _triples(fused: files.Path, ir: files.Path, vis: files.Path,
     yield triple
 
 
-def evaluate_method(fused: files.Path, ir: files.Path, vis: files.Path, count: int,
-                    args: argparse.Namespace, name: str = "") -> dict:
+def evaluate_method(fused: files.Path, ir: splits.FrameSource, vis: splits.FrameSource,
+                    count: int, args: argparse.Namespace, name: str = "") -> dict:
   """Per-frame values of one method, its video summary and its temporal profile image."""
   spatial: dict[str, list[float]] = {n: [] for n in args.metrics}
-  meter = metrics.TemporalMeter(args.flow, args.temporal) if args.temporal else None
+  # Under --protocol=vfbench the flow metrics need the whole video; flicker stays streamed.
+  streamed = [n for n in args.temporal if args.protocol == "project" or n == "flicker"]
+  meter = metrics.TemporalMeter(args.flow, streamed) if streamed else None
+  keep_video = len(streamed) < len(args.temporal) or args.feacd is not None
+  video = []
   profile_columns = []
   batch = []
 
@@ -164,16 +242,23 @@ def evaluate_method(fused: files.Path, ir: files.Path, vis: files.Path, count: i
       flush()
     if meter is not None:
       meter.update(f, a, b)
+    if keep_video:
+      video.append((f, a, b))
   flush()
   per_frame = {n: np.asarray(v) for n, v in spatial.items()}
-  summary = {n: float(np.mean(v)) for n, v in per_frame.items()}
-  flow_name = None
   if meter is not None:
-    result = meter.result()
-    per_frame.update(result.per_frame)
-    summary.update(result.values)
-    flow_name = result.flow_backend
+    per_frame.update(meter.result().per_frame)
+  if keep_video:
+    f, a, b = (np.stack(x).astype(np.float32) for x in zip(*video))
+    if len(streamed) < len(args.temporal):
+      per_frame.update(published_protocol_metrics(f, a, b, args))
+    if args.feacd is not None:
+      per_frame["feaCD"] = np.concatenate([[np.nan], feacd_lib.feacd(f, a, b, args.feacd)])
+  summary = {n: float(np.nanmean(v)) if np.any(~np.isnan(v)) else float("nan")
+             for n, v in per_frame.items()}
+  flow_name = flow_label(args.flow, args.protocol) if args.temporal else None
   return {"per_frame": per_frame, "summary": summary, "flow_backend": flow_name,
+          "protocol": args.protocol if args.temporal or args.feacd else None,
           "profile": np.stack(profile_columns, axis=1)}
 
 
@@ -194,18 +279,19 @@ def _write_tables(out: files.Path, results: dict[str, dict], columns: Sequence[s
     for t in range(count):
       per_frame.append([method, t, *(repr(float(result["per_frame"][c][t])) for c in columns)])
   files.atomic_write(out / "per_frame.csv", _csv_text(per_frame))
-  header = ["method", "frames", *columns, "flow_backend"]
-  rows = [[method, count, *(r["summary"][c] for c in columns), r["flow_backend"] or ""]
-          for method, r in results.items()]
+  header = ["method", "frames", *columns, "flow_backend", "protocol"]
+  rows = [[method, count, *(r["summary"][c] for c in columns), r["flow_backend"] or "",
+           r["protocol"] or ""] for method, r in results.items()]
   files.atomic_write(out / "summary.csv", _csv_text(
-      [header, *([*row[:2], *(repr(v) for v in row[2:-1]), row[-1]] for row in rows)]))
+      [header, *([*row[:2], *(repr(v) for v in row[2:-2]), *row[-2:]] for row in rows)]))
   summary = {method: {"frames": count, "flow_backend": r["flow_backend"],
-                      **{c: _number(r["summary"][c]) for c in columns}}
+                      "protocol": r["protocol"], **{c: _number(r["summary"][c]) for c in columns}}
              for method, r in results.items()}
   files.atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
-    cells = [str(row[0]), str(row[1]), *(f"{v:.4f}" for v in row[2:-1]), row[-1] or "-"]
+    cells = [str(row[0]), str(row[1]), *(f"{v:.4f}" for v in row[2:-2]), row[-2] or "-",
+             row[-1] or "-"]
     lines.append("| " + " | ".join(cells) + " |")
   files.atomic_write(out / "summary.md", "\n".join(lines) + "\n")
 
@@ -221,7 +307,7 @@ def _write_plots(out: files.Path, results: dict[str, dict], columns: Sequence[st
     title = column
     flow = next((r["flow_backend"] for r in results.values() if r["flow_backend"]), None)
     if column in metrics.TEMPORAL_METRIC_NAMES and column != "flicker" and flow:
-      title += f" (flow: {flow})"
+      title += f" ({results[next(iter(results))]['protocol']}, flow: {flow})"
     ax.set(xlabel="frame", ylabel=column, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -243,15 +329,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--max-frames must be at least 1")
   if args.batch_size < 1:
     parser.error("--batch-size must be at least 1")
-  if not args.metrics and not args.temporal:
+  if not args.metrics and not args.temporal and not args.feacd_weights:
     parser.error("nothing to compute: --metrics and --temporal are both 'none'")
+  if args.flow_batch < 1:
+    parser.error("--flow-batch must be at least 1")
   try:
     methods = _parse_fused(args.fused)
-    ir, vis = files.as_path(args.ir), files.as_path(args.vis)
+    ir, vis = _input_sources(args)
     count = _check_inputs({"ir": ir, "vis": vis, **{f"fused {k!r}": v for k, v in methods.items()}},
                           args.max_frames)
     if args.temporal:
       args.flow = metrics.get_flow_backend(args.flow)
+    args.feacd = (feacd_lib.ResNet18Logits.from_checkpoint(args.feacd_weights)
+                  if args.feacd_weights else None)
     out = files.as_path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results = {name: evaluate_method(path, ir, vis, count, args, name)
@@ -259,12 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, frames_lib.FrameReadError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  columns = [*args.metrics, *args.temporal]
+  columns = [*args.metrics, *args.temporal, *(["feaCD"] if args.feacd else [])]
   _write_tables(out, results, columns, count)
   _write_plots(out, results, columns)
   print((out / "summary.md").read_text(), end="")
   if args.temporal:
-    print(f"temporal metrics computed with the {metrics.backend_name(args.flow)!r} flow backend")
+    print(f"temporal metrics ({args.protocol} protocol) computed with the "
+          f"{flow_label(args.flow, args.protocol)!r} flow backend")
   return 0
 
 
