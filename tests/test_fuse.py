@@ -171,3 +171,27 @@ def test_output_folder_with_frames_of_another_run(model_dir, small_clip, tmp_pat
   assert _frame_files(out) == [f"{i:04d}.png" for i in range(7)]  # 0012.png removed.
   assert frames.read_frame(out / "0003.png").shape == (10, 13, 3)
   assert (out / "notes.png").exists()
+
+
+def test_vfbench_split_csv_lists_the_frame_pairs(model_dir, small_clip, tmp_path):
+  """--split/--split_root reads the pairs a VF-Bench CSV lists (here in reverse order)."""
+  ir, vis = small_clip
+  root = tmp_path / "dataset"
+  (root / "seq").mkdir(parents=True)
+  (root / "seq" / "a").symlink_to(ir.parent, target_is_directory=True)
+  rows = [f"ir/f{i}.png,vis/f{i}.png" for i in reversed(range(7))]
+  (root / "seq^a.csv").write_text("ir,rgb\n" + "\n".join(rows) + "\n")
+  common = ["--model", str(model_dir), "--quiet", "--window", "2", "--overlap", "1"]
+  fuse.main(common + ["--split", str(root / "seq^a.csv"), "--split_root", str(root),
+                      "--output", str(tmp_path / "split")])
+  by_split = np.stack([frames.read_frame(tmp_path / "split" / f"{i:04d}.png") for i in range(7)])
+  fuser = inference.Fuser.load(model_dir, windows=inference.WindowSettings(2, 1))
+  read = lambda folder: np.stack([frames.read_frame(folder / f"f{i}.png")
+                                  for i in reversed(range(7))])
+  np.testing.assert_array_equal(by_split, inference.to_uint8(fuser.fuse(read(ir), read(vis))))
+  with pytest.raises(SystemExit, match="--split replaces --ir and --vis"):
+    fuse.main(common + ["--split", str(root / "seq^a.csv"), "--ir", str(ir),
+                        "--output", str(tmp_path / "x")])
+  with pytest.raises(SystemExit, match="listed frames are missing"):
+    fuse.main(common + ["--split", str(root / "seq^a.csv"), "--split_root", str(tmp_path),
+                        "--output", str(tmp_path / "y")])

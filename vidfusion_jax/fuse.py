@@ -1,8 +1,10 @@
 """Fuses an infrared and a visible video with an exported model.
 
   python -m vidfusion_jax.fuse --model=OUT --ir=PATH --vis=PATH --output=DIR
+  python -m vidfusion_jax.fuse --model=OUT --split=CSV --split_root=DIR --output=DIR
 
-PATH is a folder of frames or a video file. Writes one `DIR/NNNN.png` per input frame (each
+PATH is a folder of frames or a video file; a VF-Bench split CSV (columns ir,rgb) with its dataset
+root lists the frame pairs instead. Writes one `DIR/NNNN.png` per input frame (each
 atomically) and, on request, an mp4 of the fused frames and a side-by-side IR | VIS | fused mp4.
 Every path may be a `gs://` or `s3://` URL (the `cloud` extra). See docs/inference.md.
 """
@@ -22,6 +24,7 @@ from vidfusion_jax import files
 from vidfusion_jax import frames as frame_io
 from vidfusion_jax import host_memory
 from vidfusion_jax import inference
+from vidfusion_jax import splits
 
 FRAME_NAME = re.compile(r"^\d{4,}\.png$")
 
@@ -42,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
       prog="python -m vidfusion_jax.fuse", description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True,
                       help="model directory written by `python -m vidfusion_jax.export`")
-  parser.add_argument("--ir", required=True, help="infrared frames: a folder or a video file")
-  parser.add_argument("--vis", required=True, help="visible frames: a folder or a video file")
+  parser.add_argument("--ir", help="infrared frames: a folder or a video file (or use --split)")
+  parser.add_argument("--vis", help="visible frames: a folder or a video file (or use --split)")
   parser.add_argument("--output", required=True, help="folder for the fused NNNN.png frames")
   parser.add_argument("--backend", choices=("model", "artifact"), default="model",
                       help="run the params through the model code, or the exported jax.export "
@@ -80,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--fps", type=float, default=30.0,
                       help="frame rate of the mp4 outputs (default: %(default)s)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+  # VF-Bench split CSVs (see vidfusion_jax/splits.py).
+  parser.add_argument("--split", default=None, metavar="CSV",
+                      help="a VF-Bench split CSV (columns ir,rgb; e.g. data_split/IVF/VTMOT/"
+                      "Vtuav-02.csv) listing the frame pairs, instead of --ir and --vis")
+  parser.add_argument("--split_root", default=None, metavar="DIR",
+                      help="the dataset root of --split: frames are DIR/<CSV name>/<path in CSV>")
   return parser
 
 
@@ -93,13 +102,25 @@ def window_settings(model_name: str, args: argparse.Namespace) -> inference.Wind
   return inference.WindowSettings(**{**vars(base), **given})
 
 
-def _count(path: str, what: str) -> int:
-  if not files.as_path(path).exists():
+def _count(path: splits.FrameSource, what: str) -> int:
+  if not isinstance(path, (list, tuple)) and not path.exists():
     raise ValueError(f"--{what} {path} does not exist")
   try:
-    return frame_io.count_frames(path)
+    return splits.count_frames(path)
   except (OSError, RuntimeError) as error:
     raise frame_io.FrameReadError(f"cannot read --{what} {path}: {error}") from error
+
+
+def input_sources(args: argparse.Namespace) -> dict[str, splits.FrameSource]:
+  """{"ir": ..., "vis": ...}: the --ir/--vis paths, or the frame lists of --split."""
+  if args.split is None:
+    if args.ir is None or args.vis is None:
+      raise ValueError("give --ir and --vis, or --split with --split_root")
+    return {"ir": files.as_path(args.ir), "vis": files.as_path(args.vis)}
+  if args.ir is not None or args.vis is not None or args.split_root is None:
+    raise ValueError("--split replaces --ir and --vis and needs --split_root")
+  split = splits.read_vfbench_split(args.split, args.split_root)
+  return {"ir": split.ir, "vis": split.vis}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"--output {output} already holds {len(old_frames)} frames "
                      f"({old_frames[0].name}, ...) from another run; choose an empty folder or "
                      "pass --overwrite to replace them")
-  counts = {what: _count(getattr(args, what), what) for what in ("ir", "vis")}
+  sources = input_sources(args)
+  counts = {what: _count(source, what) for what, source in sources.items()}
   if counts["ir"] != counts["vis"] and not args.truncate:
     raise ValueError(f"--ir has {counts['ir']} frames but --vis has {counts['vis']}; give clips "
                      "of equal length, or pass --truncate to fuse the first "
@@ -126,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
   fuser = inference.Fuser.load(args.model, backend=args.backend, windows=settings,
                                windows_per_call=args.windows_per_call)
   output.mkdir(parents=True, exist_ok=True)
-  stream = fuser.fuse_stream(frame_io.iter_frames(args.ir), frame_io.iter_frames(args.vis),
+  stream = fuser.fuse_stream(splits.iter_frames(sources["ir"]), splits.iter_frames(sources["vis"]),
                              truncate=args.truncate, resize=args.resize, with_inputs=True)
   written = 0
   with contextlib.ExitStack() as stack:
