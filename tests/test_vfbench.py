@@ -93,7 +93,7 @@ def test_per_frame_values_with_the_flax_sea_raft(shared, golden):
   assert str(network["meta/weights_sha256"]) == str(golden["meta/weights_sha256"])
   flow = flow_lib.SeaRaftFlow(*sea_raft_module(network))
   result = temporal.vfbench_temporal(golden["input/fused"], golden["input/ir_gray"],
-                                     golden["input/vis"], flow.batched, batch_size=10)
+                                     golden["input/vis"], flow, batch_size=10)
   _assert_matches_reference(result, golden, 1e-3)
   single = flow(golden["input/ir_gray"][0], golden["input/ir_gray"][1])  # gray -> RGB
   np.testing.assert_allclose(single, golden["flow/ir/0_1"], atol=5e-6)

@@ -125,7 +125,10 @@ def flow_label(flow, protocol: str) -> str:
 
 
 def batched_flow_fn(flow):
-  """flow_fn over (N, H, W, 3) pairs: the backend's own `batched`, else one pair at a time."""
+  """flow_fn over (N, H, W, 3) pairs: the backend itself when it has `pair_flows` (SEA-RAFT),
+  else its own `batched`, else one pair at a time."""
+  if hasattr(flow, "pair_flows"):
+    return flow
   if hasattr(flow, "batched"):
     return flow.batched
   return lambda a, b: np.stack([flow(x, y) for x, y in zip(a, b)])

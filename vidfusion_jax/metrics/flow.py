@@ -78,11 +78,35 @@ class ZeroFlow:
 class SeaRaftFlow:
   """SEA-RAFT flow. `batched(a, b)` maps (N, H, W, 3) arrays on 0-255 to (N, H, W, 2) in one jitted
   call (compiled once per shape); calling it on two frames gives one (H, W, 2) field, gray frames
-  ((H, W) or one channel) stacked to RGB as VF-Bench does."""
+  ((H, W) or one channel) stacked to RGB as VF-Bench does; on (N, H, W, 3) it is `batched`. `pair_flows` computes many pairs
+  among a set of frames with each frame's features computed once."""
 
   def __init__(self, module, params, name: str = "sea_raft"):
     self.module, self.params, self.name = module, params, name
     self._apply = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b)["flow"])
+    self._features = jax.jit(lambda p, x: module.apply({"params": p}, x,
+                                                       method=module.features))
+    self._apply_features = jax.jit(lambda p, a, b, fa, fb: module.apply(
+        {"params": p}, a, b, fmap1=fa, fmap2=fb)["flow"])
+
+  def pair_flows(self, frames: np.ndarray, index_a: np.ndarray, index_b: np.ndarray,
+                 batch_size: int) -> np.ndarray:
+    """flow(frames[index_a[i]], frames[index_b[i]]) for every i, (N, H, W, 2) float32.
+
+    The feature encoder runs once per frame; calls hold `batch_size` frames or pairs (the last
+    padded to full size, so each jitted function compiles once).
+    """
+    pad = lambda x: np.concatenate([x, x[-1:].repeat(-len(x) % batch_size, 0)])
+    frames = jnp.asarray(pad(np.asarray(frames, np.float32)))
+    features = jnp.concatenate([self._features(self.params, frames[i:i + batch_size])
+                                for i in range(0, len(frames), batch_size)])
+    count = len(index_a)
+    index_a, index_b = pad(np.asarray(index_a)), pad(np.asarray(index_b))
+    flows = [np.asarray(self._apply_features(self.params, frames[a], frames[b], features[a],
+                                             features[b]))
+             for a, b in ((index_a[i:i + batch_size], index_b[i:i + batch_size])
+                          for i in range(0, len(index_a), batch_size))]
+    return np.concatenate(flows)[:count]
 
   @classmethod
   def from_checkpoint(cls, path: str, variant: str | None = None, dtype=None) -> "SeaRaftFlow":
@@ -96,6 +120,8 @@ class SeaRaftFlow:
     return np.asarray(self._apply(self.params, a, b), np.float32)
 
   def __call__(self, frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
+    if np.ndim(frame_a) == 4:
+      return self.batched(frame_a, frame_b)
     rgb = lambda x: np.broadcast_to(np.asarray(x, np.float32).reshape(
         np.shape(x)[:2] + (-1,)), np.shape(x)[:2] + (3,))[None]
     return self.batched(rgb(frame_a), rgb(frame_b))[0]

@@ -283,7 +283,9 @@ def vfbench_temporal(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray, flow_fn
     MS2R(t)  = 0.5 * sum_{S in IR, VIS} mean | (f_G(t, n) - f_G(p, t)) - (f_S(t, n) - f_S(p, t)) |.
 
   Each of the 6T distinct flows is computed once, `batch_size` pairs per `flow_fn` call (the last
-  call is padded to the same size, so a jitted flow_fn compiles once). Returns (T,) float64 arrays
+  call is padded to the same size, so a jitted flow_fn compiles once). A flow_fn with a
+  `pair_flows(frames, index_a, index_b, batch_size)` method (`metrics.SeaRaftFlow`) is given the 3T
+  frames and the pair indices instead, so that per-frame work (features) is shared. Returns (T,) float64 arrays
   "BiSWE", "MS2R" and their terms "err_prev", "err_next", "d_ir", "d_vis", and the (T, H, W)
   masks "mask_prev", "mask_next". The dataset number is the mean over all frames of all videos.
   """
@@ -297,7 +299,11 @@ def vfbench_temporal(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray, flow_fn
   pairs = vfbench_flow_pairs(num_frames)
   jobs = [(s, a, b) for s in range(3) for a, b in pairs]
   s, a, b = (np.asarray(c) for c in zip(*jobs))
-  flows = batched_flows(flow_fn, streams[s, a], streams[s, b], batch_size)
+  if hasattr(flow_fn, "pair_flows"):  # e.g. SeaRaftFlow: features once per frame
+    frames = streams.reshape((-1,) + streams.shape[2:])
+    flows = flow_fn.pair_flows(frames, s * num_frames + a, s * num_frames + b, batch_size)
+  else:
+    flows = batched_flows(flow_fn, streams[s, a], streams[s, b], batch_size)
   flows = flows.reshape((3, len(pairs)) + flows.shape[1:])
   index = {pair: i for i, pair in enumerate(pairs)}
   t = np.arange(num_frames)

@@ -73,10 +73,10 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
-def _conv(features: int, kernel: int, name: str, stride: int = 1, groups: int = 1,
-          dtype: Dtype = None, use_bias: bool = True) -> nn.Conv:
+def _conv(features: int, kernel: int, name: str, stride: int = 1, dtype: Dtype = None,
+          use_bias: bool = True) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=kernel // 2,
-                 feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name)
+                 use_bias=use_bias, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -136,6 +136,26 @@ class MotionEncoder(nn.Module):
     return jnp.concatenate([out, flow8.astype(out.dtype)], -1)
 
 
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k conv (zero padding k // 2, bias) as k^2 shifted multiply-adds: XLA:CPU runs
+  grouped convolutions ~20x slower than this fused elementwise loop. Params as nn.Conv's."""
+  kernel_size: int = 7
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x):
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    dtype = self.dtype or x.dtype
+    x = x.astype(dtype)
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    out = sum(padded[:, i:i + h, j:j + w] * kernel[i, j, 0].astype(dtype)
+              for i in range(k) for j in range(k))
+    return out + bias.astype(dtype)
+
+
 class ConvNextBlock(nn.Module):
   """Depthwise 7x7, LayerNorm, MLP (exact GELU), layer scale; residual before the 1x1 output conv."""
   output_dim: int
@@ -144,7 +164,7 @@ class ConvNextBlock(nn.Module):
   @nn.compact
   def __call__(self, z):
     c = z.shape[-1]
-    a = _conv(c, 7, "dwconv", groups=c, dtype=self.dtype)(z)
+    a = DepthwiseConv(7, self.dtype, name="dwconv")(z)
     a = LayerNorm(dtype=self.dtype, name="norm")(a)
     a = nn.gelu(nn.Dense(4 * self.output_dim, dtype=self.dtype, name="pwconv1")(a),
                 approximate=False)
@@ -290,7 +310,13 @@ class SEARAFT(nn.Module):
     up = convex_upsample(jnp.concatenate([8 * flow8, head[..., 2:]], -1), self.up_mask(net))
     return up[..., :2], up[..., 2:]
 
-  def __call__(self, image1, image2, all_predictions: bool = False):
+  def features(self, image):
+    """fnet features (N, h, w, 2 * dim) of (N, H, W, 3) images on 0-255. A frame in several pairs
+    needs them once: `__call__(..., fmap1=, fmap2=)` takes them precomputed."""
+    x, _ = normalize_and_pad(jnp.asarray(image, jnp.float32))
+    return self.fnet(x.astype(self.dtype or jnp.float32))
+
+  def __call__(self, image1, image2, all_predictions: bool = False, fmap1=None, fmap2=None):
     if image1.shape != image2.shape or image1.ndim != 4 or image1.shape[-1] != 3:
       raise ValueError("image1 and image2 must both be (N, H, W, 3) RGB on 0-255; got "
                        f"{image1.shape} and {image2.shape}")
@@ -305,8 +331,9 @@ class SEARAFT(nn.Module):
     net, context = c[..., :self.dim], c[..., self.dim:]
     head = self.flow_head(net)
     flow8 = head[..., :2]
-    fmaps = self.fnet(jnp.concatenate([x1, x2], 0).astype(dtype))
-    fmap1, fmap2 = fmaps[:n], fmaps[n:]
+    if fmap1 is None or fmap2 is None:
+      fmaps = self.fnet(jnp.concatenate([x1, x2], 0).astype(dtype))
+      fmap1, fmap2 = fmaps[:n], fmaps[n:]
     self.sow("intermediates", "fmap1", fmap1)
     self.sow("intermediates", "fmap2", fmap2)
     pyramid = correlation_pyramid(fmap1, fmap2)
