@@ -92,8 +92,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=4, help="pairs per call in the evaluation")
   parser.add_argument("--reps", type=int, default=2, help="timed repetitions per single flow")
   parser.add_argument("--threads", type=int, default=1,
-                      help="torch intra-op threads (default 1: on a shared 2-core machine, 2 threads
-                      spin-wait and run the reference 10x slower)")
+                      help="torch intra-op threads (default 1: on a shared 2-core machine, 2 "
+                           "threads spin-wait and run the reference 10x slower)")
   args = parser.parse_args()
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
