@@ -306,13 +306,17 @@ def vfbench_temporal(fused: np.ndarray, ir: np.ndarray, vis: np.ndarray, flow_fn
     flows = batched_flows(flow_fn, streams[s, a], streams[s, b], batch_size)
   flows = flows.reshape((3, len(pairs)) + flows.shape[1:])
   index = {pair: i for i, pair in enumerate(pairs)}
-  t = np.arange(num_frames)
-  p, n = np.maximum(t - 1, 0), np.minimum(t + 1, num_frames - 1)
   gather = lambda a, b: jnp.asarray(np.moveaxis(flows[:, [index[k] for k in zip(a, b)]], 0, 1))
-  out = _vfbench_frame(jnp.asarray(np.moveaxis(streams[0][np.stack([p, t, n])], 0, 1)),
-                       gather(t, p), gather(p, t), gather(t, n), gather(n, t))
-  return {k: np.asarray(v, np.float32 if k.startswith("mask") else np.float64)
-          for k, v in out.items()}
+  chunks = []
+  # Frames are scored batch_size at a time (the last chunk padded), bounding device memory.
+  for start in range(0, num_frames, batch_size):
+    t = np.minimum(np.arange(start, start + batch_size), num_frames - 1)
+    p, n = np.maximum(t - 1, 0), np.minimum(t + 1, num_frames - 1)
+    out = _vfbench_frame(jnp.asarray(np.moveaxis(streams[0][np.stack([p, t, n])], 0, 1)),
+                         gather(t, p), gather(p, t), gather(t, n), gather(n, t))
+    chunks.append({k: np.asarray(v)[:num_frames - start] for k, v in out.items()})
+  return {k: np.concatenate([c[k] for c in chunks]).astype(
+      np.float32 if k.startswith("mask") else np.float64) for k in chunks[0]}
 
 
 # --- TemCoCo's flowD as released, with the unreleased flow and warp steps chosen (docs/metrics.md) --
