@@ -2,10 +2,11 @@
 
 `compute(fused, ir, vis)` scores frames with the CDDFuse Evaluator's definitions;
 `temporal_metrics(fused, ir, vis, flow=...)` scores videos with the project's definitions,
-`vfbench_temporal`, `temcoco_flowd` and `feacd` with the published protocols. See docs/metrics.md.
+`vfbench_temporal`, `temcoco_flowd` and `feacd.feacd` with the published protocols.
+See docs/metrics.md.
 """
 
-from vidfusion_jax.metrics.feacd import ResNet18Logits, feacd
+from vidfusion_jax.metrics.feacd import ResNet18Logits
 from vidfusion_jax.metrics.flow import (FLOW_BACKENDS, FarnebackFlow, FlowBackend, SeaRaftFlow,
                                         ZeroFlow, backend_name, get_flow_backend)
 from vidfusion_jax.metrics.spatial import (CONVENTIONS, METRIC_NAMES, MI_UNITS, PER_SOURCE_METRICS,
@@ -21,7 +22,7 @@ __all__ = [
     "CONVENTIONS", "FLOW_BACKENDS", "METRIC_NAMES", "MI_UNITS", "PER_SOURCE_METRICS",
     "SSIM_DATA_RANGE_REFERENCE", "TEMPORAL_METRIC_NAMES", "FarnebackFlow", "FlowBackend",
     "ResNet18Logits", "SeaRaftFlow", "TemporalMeter", "TemporalResult", "ZeroFlow",
-    "as_metric_frame", "average_gradient", "backend_name", "compute", "entropy", "feacd",
+    "as_metric_frame", "average_gradient", "backend_name", "compute", "entropy",
     "get_flow_backend", "mean_squared_error", "mutual_information", "qabf", "scd",
     "spatial_frequency", "ssim", "standard_deviation", "temcoco_flowd", "temporal_metrics",
     "to_gray", "vif", "vfbench_temporal", "warp", "warp_error",
