@@ -165,7 +165,7 @@ class Trainer:
 
 def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
   """Builds everything that depends on config and mesh; compiles lazily."""
-  model = objectives.build_model(config.model)
+  model = objectives.build_model(config.model, platform=mesh.devices.flat[0].platform)
   objective = objectives.get_objective(config.model.name)
   schedule = learning_rate_schedule(config.optimizer)
   optimizer = make_optimizer(config.optimizer)
