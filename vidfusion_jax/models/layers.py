@@ -32,6 +32,20 @@ def torch_bias_init(fan_in: int) -> Initializer:
   return init
 
 
+# Name scope of every "cpu_memory"-only computation, so that a lowered program (with debug info)
+# shows whether any reached it.
+CPU_ONLY_SCOPE = "cpu_memory_only"
+
+
+def cpu_only(fn: Callable) -> Callable:
+  """`fn`, its ops traced under the CPU_ONLY_SCOPE name scope."""
+  def scoped(*args, **kwargs):
+    with jax.named_scope(CPU_ONLY_SCOPE):
+      return fn(*args, **kwargs)
+  return scoped
+
+
+@cpu_only
 def _after(tree: Any, dependencies: Any) -> Any:
   """`tree` with 0 * min(each float leaf of `dependencies`) added to each float leaf.
 
@@ -136,6 +150,7 @@ def shifted(x: jax.Array, axis: int, offset: int) -> jax.Array:
                      config)
 
 
+@cpu_only
 def _depthwise_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid depthwise 3x3 cross-correlation: nine shifted products in one fused loop."""
   height, width = x.shape[1] - 2, x.shape[2] - 2
@@ -156,6 +171,7 @@ def _depthwise_fwd(x, kernel):
   return _depthwise_valid(x, kernel), (x, kernel)
 
 
+@cpu_only
 def _depthwise_bwd(residuals, dy):
   # Autodiff of the nine slices would build nine padded cotangents per conv (which XLA keeps
   # live at once); the transposed conv is again one fused depthwise pass. Each kernel tap's
@@ -251,7 +267,7 @@ class Conv3d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    batch, time, height, width, in_features = x.shape
+    in_features = x.shape[-1]
     kernel = self.param("kernel", torch_kernel_init, (3, 3, 3, in_features, self.features))
     bias = self.param("bias", torch_bias_init(27 * in_features), (self.features,))
     if self.schedule != CPU_MEMORY:
@@ -259,6 +275,11 @@ class Conv3d(nn.Module):
           x.astype(self.dtype), kernel.astype(self.dtype), (1, 1, 1), ((1, 1),) * 3,
           dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
       return y + bias.astype(self.dtype)
+    with jax.named_scope(CPU_ONLY_SCOPE):
+      return self._as_2d_taps(x, kernel, bias)
+
+  def _as_2d_taps(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    batch, time, height, width, in_features = x.shape
     frames = x.astype(self.dtype).reshape(batch * time, height, width, in_features)
     y = bias.astype(self.dtype)
     for dt in range(3):
@@ -289,9 +310,10 @@ class LayerNormBody(nn.Module):
     weight = self.param("weight", nn.initializers.ones, (features,))
     x32 = x.astype(jnp.float32)
     if self.schedule == CPU_MEMORY:
-      average = jnp.full((features, 1), 1.0 / features, jnp.float32)
-      mean = jnp.dot(x32, average, precision="highest")
-      var = jnp.dot(jnp.square(x32 - mean), average, precision="highest")
+      with jax.named_scope(CPU_ONLY_SCOPE):
+        average = jnp.full((features, 1), 1.0 / features, jnp.float32)
+        mean = jnp.dot(x32, average, precision="highest")
+        var = jnp.dot(jnp.square(x32 - mean), average, precision="highest")
     else:
       mean = jnp.mean(x32, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

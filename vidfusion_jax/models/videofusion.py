@@ -52,6 +52,21 @@ class Scheduled(nn.Module):
     return scheduled_call(module, *args, schedule=self.schedule, remat=self.remat,
                           remat_policy=self.remat_policy)
 
+  def repeat(self, module: nn.Module, x: jax.Array, length: int) -> jax.Array:
+    """`module` applied `length` times in sequence, each time with its own params.
+
+    One `nn.scan`: the params are stacked along a leading axis of size `length` (`weights` maps
+    them to the per-block PyTorch names). In the "plain" schedule the block is traced and compiled
+    once; "cpu_memory" unrolls the loop (XLA:CPU compiles the ordered blocks in a loop far slower).
+    """
+    def step(block, carry, _):
+      return self.call_block(block, carry), None
+
+    unroll = length if self.schedule == schedule_lib.CPU_MEMORY else 1
+    scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+                   unroll=unroll)
+    return scan(module, x, None)[0]
+
 
 class BlockConfig(Scheduled):
   """Fields shared by the transformer-style blocks and their containers."""
@@ -77,20 +92,28 @@ class BlockConfig(Scheduled):
   def projection(self, features: int, name: str, dw_name: str, splits: int = 1):
     """`project(x, part=None)`: 1x1 projection then depthwise 3x3 (the "DConv" of MDTA / GDFN).
 
-    The output channels form `splits` blocks (q, k, v...), each computed on its own; `part=i`
-    computes block i only, so attention can compute v after its affinities and XLA never holds
-    all blocks at once. Without biases the 1x1 projection of a zero border is zero, so the input
-    is padded (in one fusion with the LayerNorm before it) instead of the projection.
+    The output channels form `splits` blocks (q, k, v...). In the "cpu_memory" schedule each is
+    computed on its own and `part=i` computes block i only, so attention can compute v after its
+    affinities and XLA never holds all blocks at once. In "plain" all blocks are one convolution
+    pair, computed once per input. Without biases the 1x1 projection of a zero border is zero, so
+    the input is padded (in one fusion with the LayerNorm before it) instead of the projection.
     """
     padding = None if self.bias else 0
-    pointwise = self.conv(features, 1, name, padding=padding, output_splits=splits)
+    ordered = self.schedule == schedule_lib.CPU_MEMORY
+    blocks = splits if ordered else 1
+    pointwise = self.conv(features, 1, name, padding=padding, output_splits=blocks)
     depthwise = self.conv(features, 3, dw_name, depthwise=True, padding=padding,
-                          output_splits=splits)
+                          output_splits=blocks)
+    computed = []  # "plain": [(input, all blocks)] of the last input projected
 
     def project(x: jax.Array, part: int | None = None) -> jax.Array | tuple[jax.Array, ...]:
-      if not self.bias:
-        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      return depthwise(pointwise(x, part), part)
+      padded = x if self.bias else jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      if ordered:
+        return depthwise(pointwise(padded, part), part)
+      if not computed or computed[0][0] is not x:
+        out = depthwise(pointwise(padded))
+        computed[:] = [(x, tuple(jnp.split(out, splits, axis=-1)) if splits > 1 else out)]
+      return computed[0][1] if part is None else computed[0][1][part]
 
     return project
 
@@ -138,7 +161,8 @@ class CrossAttention(BlockConfig):
     c = a.shape[-1]
     temperature = self.temperature()
     # The reference builds `norm` (always WithBias) but never calls it: create its params only.
-    LayerNorm("WithBias", schedule=self.schedule, name="norm")(a[:1, :1, :1])
+    if self.is_initializing():
+      LayerNorm("WithBias", schedule=self.schedule, name="norm")(a[:1, :1, :1])
     q = self.projection(c, "q", "q_dwconv")(a)
     kv = self.projection(2 * c, "kv", "kv_dwconv", splits=2)
     attn = jax.nn.softmax(temperature * head_affinities(q, kv(b, 0), self.num_heads), axis=-1)
@@ -214,6 +238,9 @@ class FusionModule(BlockConfig):
   def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
     block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
     query = ir + vi
+    if self.schedule != schedule_lib.CPU_MEMORY:  # Both calls as one, over a doubled batch.
+      both = self.call_block(block, jnp.concatenate([query, query]), jnp.concatenate([ir, vi]))
+      return both[:query.shape[0]] + both[query.shape[0]:]
     with_ir = self.call_block(block, query, ir)
     return with_ir + self.call_block(block, *self.after((query, vi), with_ir))
 
@@ -228,15 +255,13 @@ class CrossModalityDiffEnhance(BlockConfig):
 
 
 class FusionEnhance(BlockConfig):
-  """`num_blocks` TransformerBlocks named `transformer_{i}`."""
+  """`num_blocks` TransformerBlocks, scanned (`transformer`: params stacked by block)."""
   num_blocks: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_blocks):
-      block = TransformerBlock(**self.block_kwargs(), name=f"transformer_{i}")
-      x = self.call_block(block, x)
-    return x
+    block = TransformerBlock(**self.block_kwargs(), name="transformer")
+    return self.repeat(block, x, self.num_blocks)
 
 
 class CoAttentionModule(BlockConfig):
@@ -244,24 +269,21 @@ class CoAttentionModule(BlockConfig):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block = CoTransformerBlock(**self.block_kwargs(), name="co_transformer")
-    return self.call_block(block, x)
+    return CoTransformerBlock(**self.block_kwargs(), name="co_transformer")(x)
 
 
 class StackedCoAttention(BlockConfig):
-  """`num_layers` co-attention layers applied in sequence on (B, T, H, W, C)."""
+  """`num_layers` co-attention layers on (B, T, H, W, C), scanned (`layers`: params stacked)."""
   num_layers: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_layers):
-      x = CoAttentionModule(**self.block_kwargs(), remat=self.remat,
-                            remat_policy=self.remat_policy, name=f"layers_{i}")(x)
-    return x
+    return self.repeat(CoAttentionModule(**self.block_kwargs(), name="layers"), x, self.num_layers)
 
 
 class Decoder3D(BlockConfig):
-  """TransformerBlocks, then 1x1 C -> C/2 (bias), LeakyReLU(0.2), 3x3 C/2 -> out (no bias).
+  """TransformerBlocks (scanned, `decoder`: params stacked), then 1x1 C -> C/2 (bias),
+  LeakyReLU(0.2), 3x3 C/2 -> out (no bias).
 
   Purely 2-D despite the reference's name.
   """
@@ -271,9 +293,7 @@ class Decoder3D(BlockConfig):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    for i in range(self.num_blocks):
-      block = TransformerBlock(**self.block_kwargs(), name=f"decoder_{i}")
-      x = self.call_block(block, x)
+    x = self.repeat(TransformerBlock(**self.block_kwargs(), name="decoder"), x, self.num_blocks)
     x = Conv2d(c // 2, 1, use_bias=True, dtype=self.dtype, name="conv_0")(x)
     x = leaky_relu(x, 0.2)
     return Conv2d(self.out_channels, 3, use_bias=False, dtype=self.dtype, name="conv_2")(x)
@@ -327,13 +347,11 @@ class ResidualBlockNoBN(nn.Module):
 
 
 class ResidualBlocks2D(Scheduled):
-  """Four ResidualBlockNoBN in sequence (`blocks.0.{k}` in PyTorch)."""
+  """Four ResidualBlockNoBN in sequence (`blocks.0.{k}` in PyTorch), scanned (`blocks_0`)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for k in range(4):
-      x = self.call_block(ResidualBlockNoBN(self.dtype, name=f"blocks_0_{k}"), x)
-    return x
+    return self.repeat(ResidualBlockNoBN(self.dtype, name="blocks_0"), x, 4)
 
 
 class ChannelAttention(nn.Module):
