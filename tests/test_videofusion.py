@@ -220,7 +220,7 @@ def test_bias_true_adds_conv_biases():
 def test_params_are_the_same_in_every_schedule():
   """One param layout (and init) for all schedules: checkpoints move between them."""
   x = jnp.zeros((1, 2, 8, 8, 3))
-  inits = [VideoFusion(num_features=16, num_heads=(1, 2, 2), schedule=s).init(
+  inits = [jax.jit(VideoFusion(num_features=16, num_heads=(1, 2, 2), schedule=s).init)(
       jax.random.key(0), x, x)["params"] for s in (schedule_lib.CPU_MEMORY, schedule_lib.PLAIN)]
   assert jax.tree.structure(inits[0]) == jax.tree.structure(inits[1])
   for a, b in zip(jax.tree.leaves(inits[0]), jax.tree.leaves(inits[1])):
