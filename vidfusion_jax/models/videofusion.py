@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import (Conv2d, Conv3d, LayerNorm, apply_head_attention,
                                          after, head_affinities, leaky_relu, ordered_call,
-                                         pixel_unshuffle, scheduled_call, upsample_bilinear_align_corners)
+                                         pixel_unshuffle, scheduled_call,
+                                         upsample_bilinear_align_corners)
 
 Dtype = Any
 
