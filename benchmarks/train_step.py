@@ -6,7 +6,8 @@
 
 Measures `vidfusion_jax.train`'s jitted step (forward, loss, backward, clipping, AdamW) on all
 local devices (mesh data=-1) for every combination of --remat and --dtype, on random clips already
-on the device, in the --schedule of models/schedule.py; prints the step's StableHLO op count. `peak_bytes` is the device allocator's peak (GPU/TPU; null on CPU);
+on the device, in the --schedule of models/schedule.py; prints the step's StableHLO op count.
+`peak_bytes` is the device allocator's peak (GPU/TPU; null on CPU);
 `compiled_bytes` is XLA's estimate for the step (arguments + outputs + temporaries - aliased).
 TemCoCo's step includes its distillation teachers (VGG19 features[:12] and a DINOv2 ViT-L/14, or a
 one-block ViT of the same width with --quick) with random weights.

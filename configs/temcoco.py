@@ -31,7 +31,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.remat = False
   # "auto": the CPU memory orderings on CPU, plain flax.linen on GPU/TPU (models/schedule.py).
   config.model.schedule = "auto"
-  # jax.checkpoint policy of `remat` in the plain schedule: "full", "dots", "dots_with_no_batch_dims".
+  # jax.checkpoint policy of `remat` in the plain schedule: full, dots, dots_with_no_batch_dims.
   config.model.remat_policy = "full"
   # The reference fine-tunes its released checkpoint (VideoFusionNet_495000.pth); set it here.
   config.model.init_checkpoint = ""

@@ -418,8 +418,9 @@ class VideoFusion(nn.Module):
   and T >= 2. `dtype` is the compute dtype (params stay float32); `remat` rematerialises the heavy
   blocks in the backward pass. `schedule` ("auto", "cpu_memory" or "plain", see `models.schedule`;
   "auto" follows JAX's default backend) and `remat_policy` (a `schedule.REMAT_POLICIES` name, used
-  by "plain") change how the network is computed, never its params or results. Activations of the top-level children (named as the reference's)
-  can be captured with `capture_intermediates=capture_top_level`.
+  by "plain") change how the network is computed, never its params or results. Activations of
+  the top-level children (named as the reference's) can be captured with
+  `capture_intermediates=capture_top_level`.
   """
   in_channels: int = 3
   out_channels: int = 3
