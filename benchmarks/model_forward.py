@@ -2,7 +2,8 @@
 
 For each case prints one JSON line: shape, device, schedule, StableHLO op count, compile time,
 XLA's temporary bytes, steady-state step time, frames per second, peak memory (host RSS high-water
-mark on CPU, device peak bytes on GPU/TPU), parameter count and achieved FLOP/s (model FLOPs: 549 GFLOP per 640x480 frame forward, backward counted as 2x).
+mark on CPU, device peak bytes on GPU/TPU), parameter count and achieved FLOP/s (model FLOPs:
+549 GFLOP per 640x480 frame forward, backward counted as 2x).
 Host memory is handled as by the fuse command: compiler memory released, large blocks unmapped
 when freed (`vidfusion_jax.host_memory`).
 
