@@ -1,8 +1,9 @@
 """Benchmark the VideoFusion port: inference and a forward+backward of the training loss.
 
-For each case prints one JSON line: shape, device, compile time, steady-state step time, frames per
-second, peak memory (host RSS high-water mark on CPU, device peak bytes on GPU/TPU), parameter count
-and achieved FLOP/s (model FLOPs: 549 GFLOP per 640x480 frame forward, backward counted as 2x).
+For each case prints one JSON line: shape, device, schedule, StableHLO op count, compile time,
+XLA's temporary bytes, steady-state step time, frames per second, peak memory (host RSS high-water
+mark on CPU, device peak bytes on GPU/TPU), parameter count and achieved FLOP/s (model FLOPs:
+549 GFLOP per 640x480 frame forward, backward counted as 2x).
 Host memory is handled as by the fuse command: compiler memory released, large blocks unmapped
 when freed (`vidfusion_jax.host_memory`).
 
@@ -10,6 +11,7 @@ when freed (`vidfusion_jax.host_memory`).
   python benchmarks/model_forward.py --quick              # small shapes, a smoke test
   python benchmarks/model_forward.py --cases=train --train_shape=3,6,128,128 --dtype=bfloat16
   python benchmarks/model_forward.py --model=temcoco   # TemCoCo (train case: fusion loss only)
+  python benchmarks/model_forward.py --schedule=plain    # plain modules (models/schedule.py)
 """
 
 import argparse
@@ -27,6 +29,7 @@ import numpy as np
 from vidfusion_jax import host_memory
 from vidfusion_jax import losses
 from vidfusion_jax.models import from_reference_config
+from vidfusion_jax.models import schedule as schedule_lib
 
 OFFICIAL_CONFIG = {
     "type": "VideoFusion_Trans", "in_channels": 3, "out_channels": 3, "num_features": 32,
@@ -64,6 +67,10 @@ def parse_args() -> argparse.Namespace:
                       help="compute dtype; params stay float32 (default float32)")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise the heavy blocks in the backward pass (train case)")
+  parser.add_argument("--schedule", choices=schedule_lib.SCHEDULES, default=schedule_lib.AUTO,
+                      help="model.schedule (default auto: cpu_memory on CPU, plain elsewhere)")
+  parser.add_argument("--remat_policy", choices=sorted(schedule_lib.REMAT_POLICIES),
+                      default="full", help="jax.checkpoint policy of --remat (plain schedule)")
   parser.add_argument("--steps", type=int, default=3,
                       help="timed steady-state steps after one warm-up step (default 3)")
   parser.add_argument("--quick", action="store_true",
@@ -112,6 +119,12 @@ def cpu_model() -> str:
   return platform.processor()
 
 
+def stablehlo_op_count(lowered: jax.stages.Lowered) -> int:
+  """Operations of a lowered program: its StableHLO/CHLO lines that assign a result."""
+  return sum(1 for line in lowered.as_text().splitlines()
+             if " = " in line and ("stablehlo." in line or "chlo." in line))
+
+
 def timed(fn, *args):
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -150,9 +163,12 @@ def run_case(case: str, shape, model, params, args) -> dict:
     call_args = (params, ir, vi)
     flop = 3 * MODELS[args.model][1] * batch * time_ * height * width
 
+  lowered = fn.lower(*call_args)
+  op_count = stablehlo_op_count(lowered)
   start = time.perf_counter()
-  compiled = fn.lower(*call_args).compile()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   host_memory.release_freed_memory()  # as `inference.Fuser` does after compiling
   warmup_s = timed(compiled, *call_args)
   step_s = statistics.median(timed(compiled, *call_args) for _ in range(args.steps))
@@ -168,10 +184,12 @@ def run_case(case: str, shape, model, params, args) -> dict:
   frames = batch * time_
   return {
       "model": args.model, "case": case, "shape_bthw": list(shape), "dtype": args.dtype,
-      "remat": bool(args.remat and case == "train"),
+      "remat": bool(args.remat and case == "train"), "schedule": model.schedule,
+      "remat_policy": args.remat_policy,
       "device": device.device_kind, "platform": device.platform,
       "cpu": cpu_model(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "compile_s": round(compile_s, 3), "first_step_s": round(warmup_s, 3),
+      "stablehlo_ops": op_count, "compile_s": round(compile_s, 3),
+      "temp_bytes": temp_bytes, "first_step_s": round(warmup_s, 3),
       "step_s": round(step_s, 4), "s_per_frame": round(step_s / frames, 4),
       "frames_per_s": round(frames / step_s, 4), **memory,
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -189,6 +207,9 @@ def main() -> None:
     shape = args.inference_shape if case == "inference" else args.train_shape
     model = from_reference_config(args.model, reference_config, dtype=dtype,
                                   remat=args.remat and case == "train")
+    if "schedule" in model.__dataclass_fields__:
+      model = model.clone(schedule=schedule_lib.resolve(args.schedule),
+                          remat_policy=args.remat_policy)
     print(json.dumps(run_case(case, shape, model, params, args)), flush=True)
 
 

@@ -6,7 +6,8 @@
 
 Measures `vidfusion_jax.train`'s jitted step (forward, loss, backward, clipping, AdamW) on all
 local devices (mesh data=-1) for every combination of --remat and --dtype, on random clips already
-on the device. `peak_bytes` is the device allocator's peak (GPU/TPU; null on CPU);
+on the device, in the --schedule of models/schedule.py; prints the step's StableHLO op count.
+`peak_bytes` is the device allocator's peak (GPU/TPU; null on CPU);
 `compiled_bytes` is XLA's estimate for the step (arguments + outputs + temporaries - aliased).
 TemCoCo's step includes its distillation teachers (VGG19 features[:12] and a DINOv2 ViT-L/14, or a
 one-block ViT of the same width with --quick) with random weights.
@@ -22,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from model_forward import stablehlo_op_count
 from vidfusion_jax import data
 from vidfusion_jax import sharding
 from vidfusion_jax import train
@@ -50,7 +52,8 @@ def _random_teachers(config, quick: bool):
       dino_num_heads=config.teachers.dinov2_num_heads)
 
 
-def _config(model: str, quick: bool, per_device_batch: int, remat: bool, dtype: str):
+def _config(model: str, quick: bool, per_device_batch: int, remat: bool, dtype: str,
+            schedule: str, remat_policy: str):
   config = _official_config(model)
   if quick:
     if model == "videofusion":
@@ -59,7 +62,7 @@ def _config(model: str, quick: bool, per_device_batch: int, remat: bool, dtype: 
     config.data.update(clip_length=2, crop_size=32)
   config.data.source = "synthetic"
   config.batch_size = per_device_batch * jax.device_count()
-  config.model.update(remat=remat, dtype=dtype)
+  config.model.update(remat=remat, dtype=dtype, schedule=schedule, remat_policy=remat_policy)
   return config
 
 
@@ -77,8 +80,9 @@ def measure(config, steps: int, teachers=None) -> dict:
   state = trainer.init_state()
   iterator = train.make_train_iterator(config, trainer.batch_sharding)
   batch = data.to_global_batch(next(iterator), mesh, config.sharding.batch_axes)
+  lowered = trainer.train_step.lower(state, batch, teachers)
   start = time.perf_counter()
-  compiled = trainer.train_step.lower(state, batch, teachers).compile()
+  compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
   state, metrics = compiled(state, batch, teachers)  # warm-up
   jax.block_until_ready(metrics)
@@ -89,6 +93,8 @@ def measure(config, steps: int, teachers=None) -> dict:
   step_seconds = (time.perf_counter() - start) / steps
   stats = jax.local_devices()[0].memory_stats() or {}
   return {
+      "schedule": getattr(trainer.model, "schedule", None),
+      "stablehlo_ops": stablehlo_op_count(lowered),
       "compile_seconds": round(compile_seconds, 3),
       "step_seconds": step_seconds,
       "frames_per_second": config.batch_size * config.data.clip_length / step_seconds,
@@ -110,12 +116,18 @@ def main():
                       help="comma-separated rematerialisation settings to measure")
   parser.add_argument("--dtype", default="float32,bfloat16",
                       help="comma-separated compute dtypes to measure")
+  parser.add_argument("--schedule", default="auto",
+                      help="model.schedule: auto (cpu_memory on CPU, plain elsewhere), "
+                           "cpu_memory or plain")
+  parser.add_argument("--remat_policy", default="full",
+                      help="model.remat_policy: full, dots or dots_with_no_batch_dims")
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
   remats = [v.strip().lower() == "true" for v in args.remat.split(",")]
   dtypes = [v.strip() for v in args.dtype.split(",")]
   for remat, dtype in itertools.product(remats, dtypes):
-    config = _config(args.model, args.quick, args.per_device_batch, remat, dtype)
+    config = _config(args.model, args.quick, args.per_device_batch, remat, dtype, args.schedule,
+                     args.remat_policy)
     result = measure(config, steps, _random_teachers(config, args.quick))
     print(json.dumps({
         "benchmark": "train_step", "model": args.model, "quick": args.quick, "backend": jax.default_backend(),

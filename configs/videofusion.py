@@ -33,6 +33,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.config = dict(NETWORK_G)
   config.model.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 params
   config.model.remat = False
+  # "auto": the CPU memory orderings on CPU, plain flax.linen on GPU/TPU (models/schedule.py).
+  config.model.schedule = "auto"
+  # jax.checkpoint policy of `remat` in the plain schedule: full, dots, dots_with_no_batch_dims.
+  config.model.remat_policy = "full"
   config.model.init_checkpoint = ""  # optional PyTorch .pth to start from
 
   config.data = ml_collections.ConfigDict()

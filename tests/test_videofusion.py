@@ -1,5 +1,9 @@
-"""VideoFusion port against the PyTorch golden vectors (../shared/golden/videofusion_{a,b}.npz)."""
+"""VideoFusion port against the PyTorch golden vectors (../shared/golden/videofusion_{a,b}.npz).
 
+The parity tests run in every schedule of `models.schedule` ("cpu_memory" and "plain").
+"""
+
+import functools
 import json
 
 import jax
@@ -9,6 +13,7 @@ import pytest
 
 from vidfusion_jax import losses, weights
 from vidfusion_jax.models import VideoFusion, from_reference_config
+from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import LayerNorm
 from vidfusion_jax.models.videofusion import capture_top_level
 
@@ -48,8 +53,8 @@ class Golden:
     self.ir, self.vi = nthwc(self.z["input/ir"]), nthwc(self.z["input/vi"])
     self.gt_ir, self.gt_vi = nthwc(self.z["loss_input/gt_ir"]), nthwc(self.z["loss_input/gt_vi"])
 
-  def forward_and_loss(self, params):
-    outputs, state = self.model.apply(
+  def forward_and_loss(self, params, schedule):
+    outputs, state = self.model.clone(schedule=schedule).apply(
         {"params": params}, self.ir, self.vi, capture_intermediates=capture_top_level,
         mutable=["intermediates"])
     total, terms = losses.videofusion_loss(outputs, self.gt_ir, self.gt_vi)
@@ -61,14 +66,20 @@ def golden(request, shared):
   return Golden(shared(f"golden/videofusion_{request.param}.npz"))
 
 
+@pytest.fixture(scope="module", params=[schedule_lib.CPU_MEMORY, schedule_lib.PLAIN])
+def schedule(request):
+  return request.param
+
+
 @pytest.fixture(scope="module")
-def results(golden):
-  """Outputs, loss terms, activations (and for file a, grads) in one compiled call per file."""
+def results(golden, schedule):
+  """Outputs, loss terms, activations (and for file a, grads): one compiled call per file and
+  schedule."""
+  forward_and_loss = functools.partial(golden.forward_and_loss, schedule=schedule)
   if "grad_meta/total_norm" in golden.z:
-    (_, aux), grads = jax.jit(jax.value_and_grad(golden.forward_and_loss, has_aux=True))(
-        golden.params)
+    (_, aux), grads = jax.jit(jax.value_and_grad(forward_and_loss, has_aux=True))(golden.params)
   else:
-    _, aux = jax.jit(golden.forward_and_loss)(golden.params)
+    _, aux = jax.jit(forward_and_loss)(golden.params)
     grads = None
   outputs, terms, intermediates = jax.device_get(aux)
   return outputs, terms, intermediates, jax.device_get(grads)
@@ -202,8 +213,35 @@ def test_bias_true_adds_conv_biases():
   params = jax.eval_shape(model.init, jax.random.key(0), x, x)["params"]
   attn = params["fusion_1"]["cross_transformer"]["attn"]
   assert attn["q"]["bias"].shape == (16,) and attn["kv_dwconv"]["bias"].shape == (32,)
-  ffn = params["decoder_ir"]["decoder_0"]["ffn"]
-  assert ffn["project_in"]["bias"].shape == (32,) and ffn["project_out"]["bias"].shape == (16,)
+  ffn = params["decoder_ir"]["decoder"]["ffn"]  # the scanned decoder blocks: stacked params
+  assert ffn["project_in"]["bias"].shape == (2, 32) and ffn["project_out"]["bias"].shape == (2, 16)
+
+
+def test_params_are_the_same_in_every_schedule():
+  """One param layout (and init) for all schedules: checkpoints move between them."""
+  x = jnp.zeros((1, 2, 8, 8, 3))
+  inits = [jax.jit(VideoFusion(num_features=16, num_heads=(1, 2, 2), schedule=s).init)(
+      jax.random.key(0), x, x)["params"] for s in (schedule_lib.CPU_MEMORY, schedule_lib.PLAIN)]
+  assert jax.tree.structure(inits[0]) == jax.tree.structure(inits[1])
+  for a, b in zip(jax.tree.leaves(inits[0]), jax.tree.leaves(inits[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("schedule, platform, expected", [
+    ("auto", "cpu", "cpu_memory"), ("auto", "cuda", "plain"), ("auto", "tpu", "plain"),
+    ("plain", "cpu", "plain"), ("cpu_memory", "cuda", "cpu_memory")])
+def test_schedule_resolution(schedule, platform, expected):
+  assert schedule_lib.resolve(schedule, platform) == expected
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"schedule": "fast"}, "model.schedule must be one of"),
+    ({"remat_policy": "some"}, "model.remat_policy must be one of")])
+def test_bad_schedule_fields_raise(fields, match):
+  model = VideoFusion(num_features=16, num_heads=(1, 2, 2), **fields)
+  x = jnp.zeros((1, 2, 8, 8, 3))
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(model.init, jax.random.key(0), x, x)
 
 
 @pytest.mark.parametrize("layer_norm_type", ["WithBias", "BiasFree"])

@@ -27,18 +27,23 @@ def _path(tree, path):
 
 
 def test_import_layouts_and_names(state_dict, params):
-  assert len(state_dict) == 464 and len(jax.tree.leaves(params)) == 464
+  # The scanned blocks' params are stacked: 464 PyTorch tensors become 286 Flax leaves.
+  assert len(state_dict) == 464 and len(jax.tree.leaves(params)) == 286
   np.testing.assert_array_equal(_path(params, "conv3d_ir_1/module_0/kernel"),
                                 state_dict["conv3d_ir_1.module.0.weight"].transpose(2, 3, 4, 1, 0))
   np.testing.assert_array_equal(
-      _path(params, "fusion_enhance_1/transformer_0/attn/qkv/kernel"),
-      state_dict["fusion_enhance_1.transformer.0.attn.qkv.weight"].transpose(2, 3, 1, 0))
+      _path(params, "fusion_enhance_1/transformer/attn/qkv/kernel")[1],
+      state_dict["fusion_enhance_1.transformer.1.attn.qkv.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(
-      _path(params, "ir_conv_enhance_2/blocks_0_3/conv2/bias"),
+      _path(params, "ir_conv_enhance_2/blocks_0/conv2/bias")[3],
       state_dict["ir_conv_enhance_2.blocks.0.3.conv2.bias"])
   np.testing.assert_array_equal(
-      _path(params, "co_attention_3/layers_1/co_transformer/attn/temperature"),
-      state_dict["co_attention_3.layers.1.co_transformer.attn.temperature"].reshape(8))
+      _path(params, "co_attention_3/layers/co_transformer/attn/temperature"),
+      np.stack([state_dict[f"co_attention_3.layers.{i}.co_transformer.attn.temperature"]
+                for i in range(4)]).reshape(4, 8))
+  np.testing.assert_array_equal(
+      _path(params, "decoder_vi/decoder/norm2/body/weight")[0],
+      state_dict["decoder_vi.decoder.0.norm2.body.weight"])
   # The 14 LayerNorm tensors that forward never uses are kept so strict checkpoints round-trip.
   unused = [k for k in state_dict if ".attn.norm." in k]
   assert len(unused) == 14

@@ -35,6 +35,7 @@ from flax import serialization
 import vidfusion_jax
 from vidfusion_jax import files
 from vidfusion_jax import inference
+from vidfusion_jax.models import schedule
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -86,7 +87,9 @@ def export_model(output: str | os.PathLike, model_name: str, model_config: Mappi
     raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
   _check_output(output, overwrite)
   model_config = json.loads(json.dumps(dict(model_config)))  # Plain JSON types (tuples->lists).
-  module = inference.build_model(model_name, model_config, dtype)
+  # One program serves every platform: CPU memory orderings only in a CPU-only export.
+  module = inference.build_model(model_name, model_config, dtype,
+                                 schedule.for_platforms(schedule.AUTO, platforms))
   spec = inference.input_spec(module)
   params = jax.tree.map(lambda p: np.asarray(p, jnp.dtype(dtype)), dict(params))
   check_params(module, params, spec)

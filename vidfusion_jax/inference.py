@@ -79,11 +79,18 @@ def input_spec(module: Any) -> InputSpec:
                      "`spatial_multiple` and `min_frames` class attributes") from error
 
 
-def build_model(model_name: str, model_config: Mapping[str, Any], dtype: str = "float32"):
-  """The flax module of a registered model; `dtype` is the compute dtype (params stay float32)."""
+def build_model(model_name: str, model_config: Mapping[str, Any], dtype: str = "float32",
+                schedule: str | None = None):
+  """The flax module of a registered model; `dtype` is the compute dtype (params stay float32).
+
+  `schedule` (`models.schedule`) is set on models that have one; None keeps the model's default.
+  """
   from vidfusion_jax import models  # pylint: disable=import-outside-toplevel
   overrides = {} if dtype == "float32" else {"dtype": jnp.dtype(dtype)}
-  return models.from_reference_config(model_name, dict(model_config), **overrides)
+  module = models.from_reference_config(model_name, dict(model_config), **overrides)
+  if schedule is not None and "schedule" in module.__dataclass_fields__:
+    module = module.clone(schedule=schedule)
+  return module
 
 
 @functools.cache

@@ -16,6 +16,7 @@ from vidfusion_jax import files
 from vidfusion_jax import losses
 from vidfusion_jax import models
 from vidfusion_jax import weights
+from vidfusion_jax.models import schedule
 from vidfusion_jax.models import teachers as teacher_models
 
 PyTree = Any
@@ -104,11 +105,24 @@ def get_objective(name: str) -> Objective:
   return OBJECTIVES[name]
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-  """The network of `config.model`, with its compute dtype and rematerialisation options."""
-  return get_objective(model_config.name).build_model(
+def build_model(model_config: ml_collections.ConfigDict, platform: str | None = None) -> nn.Module:
+  """The network of `config.model`, with its compute dtype, schedule and rematerialisation options.
+
+  `model.schedule` ("auto" by default) is resolved for `platform`, the backend the program is
+  compiled for (default: JAX's default backend), by `models.schedule.resolve`; networks without a
+  `schedule` field ignore `model.schedule` and `model.remat_policy`.
+  """
+  objective = get_objective(model_config.name)
+  model = objective.build_model(
       model_config, dtype=jnp.dtype(model_config.get("dtype", "float32")),
       remat=bool(model_config.get("remat", False)))
+  if "schedule" not in model.__dataclass_fields__:
+    return model
+  policy = model_config.get("remat_policy", "full")
+  schedule.remat_policy(policy)  # validates the name before anything is traced
+  return model.clone(schedule=schedule.resolve(model_config.get("schedule", schedule.AUTO),
+                                               platform),
+                     remat_policy=policy)
 
 
 def to_float(batch: dict[str, jax.Array]) -> Batch:

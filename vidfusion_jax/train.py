@@ -164,9 +164,14 @@ class Trainer:
   apply: Callable
 
 
-def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
-  """Builds everything that depends on config and mesh; compiles lazily."""
-  model = objectives.build_model(config.model)
+def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 platform: str | None = None) -> Trainer:
+  """Builds everything that depends on config and mesh; compiles lazily.
+
+  `platform` is the backend the steps are compiled for (default: that of the mesh's devices); with
+  an `AbstractMesh` the steps can be lowered for "cuda" or "tpu" without devices.
+  """
+  model = objectives.build_model(config.model, platform or mesh.devices.flat[0].platform)
   objective = objectives.get_objective(config.model.name)
   schedule = learning_rate_schedule(config.optimizer)
   optimizer = make_optimizer(config.optimizer)

@@ -5,7 +5,9 @@ name transform (`a.b.0.1.c.weight` -> `a/b_0_1/c/kernel`: numeric indices join t
 conv `weight` becomes `kernel`) plus a layout transform (Conv2d (O, I/g, kh, kw) -> (kh, kw, I/g, O),
 Conv3d (O, I, kt, kh, kw) -> (kt, kh, kw, I, O), attention `temperature` (h, 1, 1) -> (h,)).
 Every model registers a `TorchMapping` in `_MAPPINGS`; its `abstract_params` gives the Flax params
-expected for a given state_dict, against which names and shapes are checked.
+expected for a given state_dict, against which names and shapes are checked. Blocks that a model
+scans have their params stacked along a leading axis: the mapping's `unstack`/`stack` convert
+between that layout and one entry per PyTorch block.
 """
 
 import dataclasses
@@ -84,6 +86,8 @@ class TorchMapping:
     buffers): required and compared on import, regenerated on export, never part of the params.
   prepare: state_dict -> the state_dict to import, dropping (after checking) tensors the forward
     does not read, e.g. SEA-RAFT's BatchNorm counters and its aliased shortcut BatchNorms.
+  unstack: flat params (path -> leaf) -> one entry per PyTorch block (stacked leaves split);
+    leaves may be arrays or ShapeDtypeStructs. stack: its inverse, on arrays.
   """
   abstract_params: Callable[[Mapping[str, np.ndarray]], Any]
   to_flax_path: Callable[[str, int], FlaxPath] = torch_name_to_flax_path
@@ -92,6 +96,8 @@ class TorchMapping:
   to_torch_layout: Callable[[FlaxPath, np.ndarray], np.ndarray] = flax_to_torch_layout
   buffers: Callable[[], Mapping[str, np.ndarray]] = dict
   prepare: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] = dict
+  unstack: Callable[[Mapping[FlaxPath, Any]], dict[FlaxPath, Any]] = dict
+  stack: Callable[[Mapping[FlaxPath, Any]], dict[FlaxPath, Any]] = dict
 
 
 def _count_indices(state_dict: Mapping[str, Any], prefix: str) -> int:
@@ -134,6 +140,43 @@ def abstract_model_params(model, sample_shape: tuple[int, ...]) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), sample, sample))["params"]
 
 
+# VideoFusion's scanned blocks: (child of a top-level module) -> stacked along axis 0, one entry
+# per PyTorch block `<name>.<i>` (flax path element `<name>_<i>`).
+_VIDEOFUSION_STACKED = ("transformer", "layers", "decoder", "blocks_0")
+_VIDEOFUSION_BLOCK = re.compile(r"^(%s)_(\d+)$" % "|".join(_VIDEOFUSION_STACKED))
+
+
+def _leaf_at(leaf: Any, index: int) -> Any:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return np.asarray(leaf)[index]
+
+
+def _videofusion_unstack(flat: Mapping[FlaxPath, Any]) -> dict[FlaxPath, Any]:
+  out = {}
+  for path, leaf in flat.items():
+    if len(path) > 2 and path[1] in _VIDEOFUSION_STACKED:
+      for i in range(leaf.shape[0]):
+        out[(path[0], f"{path[1]}_{i}", *path[2:])] = _leaf_at(leaf, i)
+    else:
+      out[path] = leaf
+  return out
+
+
+def _videofusion_stack(flat: Mapping[FlaxPath, Any]) -> dict[FlaxPath, Any]:
+  blocks: dict[FlaxPath, dict[int, Any]] = {}
+  out = {}
+  for path, leaf in flat.items():
+    match = _VIDEOFUSION_BLOCK.match(path[1]) if len(path) > 2 else None
+    if match:
+      blocks.setdefault((path[0], match.group(1), *path[2:]), {})[int(match.group(2))] = leaf
+    else:
+      out[path] = leaf
+  for path, by_index in blocks.items():
+    out[path] = np.stack([by_index[i] for i in range(len(by_index))])
+  return out
+
+
 def _videofusion_abstract_params(state_dict: Mapping[str, np.ndarray]) -> Any:
   cfg = infer_videofusion_config(state_dict)
   model = models.from_reference_config("videofusion", cfg)
@@ -141,7 +184,8 @@ def _videofusion_abstract_params(state_dict: Mapping[str, np.ndarray]) -> Any:
 
 
 _MAPPINGS: dict[str, TorchMapping] = {
-    "videofusion": TorchMapping(_videofusion_abstract_params),
+    "videofusion": TorchMapping(_videofusion_abstract_params, unstack=_videofusion_unstack,
+                                stack=_videofusion_stack),
     "temcoco": TorchMapping(temcoco.abstract_params, buffers=temcoco.state_dict_buffers,
                             **temcoco.TORCH_NAMING),
     "vgg19": TorchMapping(teachers.vgg19_abstract_params, **teachers.TORCH_NAMING),
@@ -187,8 +231,8 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str,
   """
   mapping = _mapping(name)
   state_dict = {k: np.asarray(v) for k, v in mapping.prepare(state_dict).items()}
-  expected = {mapping.to_torch_name(path): (path, leaf)
-              for path, leaf in _flatten(mapping.abstract_params(state_dict)).items()}
+  expected = {mapping.to_torch_name(path): (path, leaf) for path, leaf in
+              mapping.unstack(_flatten(mapping.abstract_params(state_dict))).items()}
   buffers = mapping.buffers()
   for buffer_name, value in buffers.items():
     if buffer_name in state_dict and not np.array_equal(state_dict[buffer_name], value):
@@ -211,7 +255,7 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str,
       raise ValueError(f"tensor {torch_name!r} has shape {tuple(array.shape)}, the {name} model "
                        f"expects {tuple(expected_torch)}")
     flat[path] = np.ascontiguousarray(converted, dtype=leaf.dtype)
-  return _unflatten(flat)
+  return _unflatten(mapping.stack(flat))
 
 
 def to_torch_state_dict(name: str, params: Mapping[str, Any]) -> StateDict:
@@ -220,7 +264,7 @@ def to_torch_state_dict(name: str, params: Mapping[str, Any]) -> StateDict:
   if set(params) == {"params"}:
     params = params["params"]
   state_dict = {}
-  for path, leaf in _flatten(params).items():
+  for path, leaf in mapping.unstack(_flatten(params)).items():
     state_dict[mapping.to_torch_name(path)] = np.ascontiguousarray(
         mapping.to_torch_layout(path, np.asarray(leaf)))
   state_dict.update((k, np.array(v)) for k, v in mapping.buffers().items())

@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax.models import schedule as schedule_lib
+from vidfusion_jax.models.schedule import CPU_MEMORY
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -29,6 +32,20 @@ def torch_bias_init(fan_in: int) -> Initializer:
   return init
 
 
+# Name scope of every "cpu_memory"-only computation, so that a lowered program (with debug info)
+# shows whether any reached it.
+CPU_ONLY_SCOPE = "cpu_memory_only"
+
+
+def cpu_only(fn: Callable) -> Callable:
+  """`fn`, its ops traced under the CPU_ONLY_SCOPE name scope."""
+  def scoped(*args, **kwargs):
+    with jax.named_scope(CPU_ONLY_SCOPE):
+      return fn(*args, **kwargs)
+  return scoped
+
+
+@cpu_only
 def _after(tree: Any, dependencies: Any) -> Any:
   """`tree` with 0 * min(each float leaf of `dependencies`) added to each float leaf.
 
@@ -46,9 +63,9 @@ def _after(tree: Any, dependencies: Any) -> Any:
 def after(x: Any, dependency: Any) -> Any:
   """`x`, made to be computed after `dependency`; backward: `dependency`'s cotangent waits for x's.
 
-  Orders independent branches, which XLA:CPU's default scheduler runs concurrently (keeping all
-  their working sets alive): with `b = f(after(x, a))`, the forward computes `a` before `f` and
-  the backward runs f's before a's.
+  For the "cpu_memory" schedule only. Orders independent branches, which XLA:CPU's default
+  scheduler runs concurrently (keeping all their working sets alive): with `b = f(after(x, a))`,
+  the forward computes `a` before `f` and the backward runs f's before a's.
   """
   shapes = jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape, d.dtype), dependency)
 
@@ -70,10 +87,11 @@ def after(x: Any, dependency: Any) -> Any:
 def ordered_call(module: nn.Module, *args: jax.Array, remat: bool = False) -> Any:
   """`module(*args)` whose backward pass runs as one unit, in order; optionally rematerialised.
 
-  XLA's CPU schedulers may move backward work that depends only on forward values (weight
-  gradients, a rematerialised forward) anywhere in the backward pass, and do: they then keep the
-  activations and cotangents of many blocks alive at once (many GB for this network), and CSE
-  merges a `jax.checkpoint` forward back into the original one. Here the block's residuals are
+  For the "cpu_memory" schedule only (`scheduled_call` picks it). XLA's CPU schedulers may move
+  backward work that depends only on forward values (weight gradients, a rematerialised forward)
+  anywhere in the backward pass, and do: they then keep the activations and cotangents of many
+  blocks alive at once (many GB for this network), and CSE merges a `jax.checkpoint` forward back
+  into the original one. Here the block's residuals are
   made to depend on its incoming cotangent and its input cotangents on its parameter cotangents,
   so its backward starts when the cotangent arrives and ends before the next block's starts.
   With `remat` the residuals are the params and inputs and the forward is recomputed from them
@@ -102,6 +120,21 @@ def ordered_call(module: nn.Module, *args: jax.Array, remat: bool = False) -> An
   return nn.custom_vjp(apply, forward, backward)(module, *args)
 
 
+def _call(module: nn.Module, *args: jax.Array) -> Any:
+  return module(*args)
+
+
+def scheduled_call(module: nn.Module, *args: jax.Array, schedule: str, remat: bool = False,
+                   remat_policy: str = "full") -> Any:
+  """`module(*args)` as one block of the network: through `ordered_call` in the "cpu_memory"
+  schedule; plain otherwise, rematerialised by `jax.checkpoint` with the named policy if `remat`."""
+  if schedule == CPU_MEMORY:
+    return ordered_call(module, *args, remat=remat)
+  if remat:
+    return nn.remat(_call, policy=schedule_lib.remat_policy(remat_policy))(module, *args)
+  return module(*args)
+
+
 def shifted(x: jax.Array, axis: int, offset: int) -> jax.Array:
   """y[..., i, ...] = x[..., i + offset, ...] along `axis`, zero where i + offset is out of range.
 
@@ -117,6 +150,7 @@ def shifted(x: jax.Array, axis: int, offset: int) -> jax.Array:
                      config)
 
 
+@cpu_only
 def _depthwise_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Valid depthwise 3x3 cross-correlation: nine shifted products in one fused loop."""
   height, width = x.shape[1] - 2, x.shape[2] - 2
@@ -137,6 +171,7 @@ def _depthwise_fwd(x, kernel):
   return _depthwise_valid(x, kernel), (x, kernel)
 
 
+@cpu_only
 def _depthwise_bwd(residuals, dy):
   # Autodiff of the nine slices would build nine padded cotangents per conv (which XLA keeps
   # live at once); the transposed conv is again one fused depthwise pass. Each kernel tap's
@@ -172,7 +207,8 @@ class Conv2d(nn.Module):
   equal blocks computed separately: `conv(x)` returns all n as a tuple and `conv(x, part=i)` only
   block i, so that a caller can order the blocks and XLA need not keep a wide projection alive at
   once. A depthwise conv maps blocks to blocks: it takes the tuple of all n blocks, or block i with
-  `part=i`.
+  `part=i`. `schedule` "cpu_memory" computes depthwise 3x3 convs as nine shifted products
+  (`depthwise_conv3x3`), "plain" as grouped convolutions.
   """
   features: int
   kernel_size: int = 3
@@ -182,6 +218,7 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = torch_kernel_init
   padding: int | None = None
   output_splits: int = 1
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array | tuple[jax.Array, ...],
@@ -207,7 +244,7 @@ class Conv2d(nn.Module):
       xi = xi.astype(self.dtype)
       if k == 1 and self.groups == 1 and pad == 0:
         y = jnp.einsum("...c,cd->...d", xi, kernels[i][0, 0])
-      elif k == 3 and depthwise:
+      elif k == 3 and depthwise and self.schedule == CPU_MEMORY:
         y = depthwise_conv3x3(xi, kernels[i], pad)
       else:
         y = jax.lax.conv_general_dilated(
@@ -220,18 +257,29 @@ class Conv2d(nn.Module):
 class Conv3d(nn.Module):
   """torch.nn.Conv3d 3x3x3, stride 1, zero padding 1, with bias, on NTHWC; kernel (kt, kh, kw, in, out).
 
-  Computed as three 2-D convolutions of all frames, one per temporal tap, whose outputs are
-  summed with a shift in time (zero beyond the ends): XLA's CPU 3-D convolution is ~3x slower than
-  its 2-D one.
+  In the "cpu_memory" schedule it is three 2-D convolutions of all frames, one per temporal tap,
+  whose outputs are summed with a shift in time (zero beyond the ends): XLA's CPU 3-D convolution
+  is ~3x slower than its 2-D one. "plain" is one 3-D convolution.
   """
   features: int
   dtype: Dtype = jnp.float32
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    batch, time, height, width, in_features = x.shape
+    in_features = x.shape[-1]
     kernel = self.param("kernel", torch_kernel_init, (3, 3, 3, in_features, self.features))
     bias = self.param("bias", torch_bias_init(27 * in_features), (self.features,))
+    if self.schedule != CPU_MEMORY:
+      y = jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype), (1, 1, 1), ((1, 1),) * 3,
+          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      return y + bias.astype(self.dtype)
+    with jax.named_scope(CPU_ONLY_SCOPE):
+      return self._as_2d_taps(x, kernel, bias)
+
+  def _as_2d_taps(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    batch, time, height, width, in_features = x.shape
     frames = x.astype(self.dtype).reshape(batch * time, height, width, in_features)
     y = bias.astype(self.dtype)
     for dt in range(3):
@@ -246,22 +294,29 @@ class LayerNormBody(nn.Module):
   """Restormer's per-pixel LayerNorm over channels (biased variance, eps 1e-5 inside the sqrt).
 
   `with_bias=False` is the "BiasFree" variant: no mean subtraction and no bias, x / sqrt(var + eps) * w.
-  Statistics are computed in float32 whatever the compute dtype, as matrix-vector products with a
-  1/C vector: XLA:CPU then normalises in a plain elementwise loop. With reductions it forms a
-  reduction fusion that materialises the weight and bias broadcasts (a full activation each) when
-  one norm is applied to several inputs, as in the cross-attention blocks.
+  Statistics are computed in float32 whatever the compute dtype. In the "cpu_memory" schedule they
+  are matrix-vector products with a 1/C vector: XLA:CPU then normalises in a plain elementwise
+  loop. With reductions it forms a reduction fusion that materialises the weight and bias
+  broadcasts (a full activation each) when one norm is applied to several inputs, as in the
+  cross-attention blocks. "plain" uses reductions.
   """
   with_bias: bool = True
   dtype: Dtype = jnp.float32
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
     weight = self.param("weight", nn.initializers.ones, (features,))
     x32 = x.astype(jnp.float32)
-    average = jnp.full((features, 1), 1.0 / features, jnp.float32)
-    mean = jnp.dot(x32, average, precision="highest")
-    var = jnp.dot(jnp.square(x32 - mean), average, precision="highest")
+    if self.schedule == CPU_MEMORY:
+      with jax.named_scope(CPU_ONLY_SCOPE):
+        average = jnp.full((features, 1), 1.0 / features, jnp.float32)
+        mean = jnp.dot(x32, average, precision="highest")
+        var = jnp.dot(jnp.square(x32 - mean), average, precision="highest")
+    else:
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     if self.with_bias:
       bias = self.param("bias", nn.initializers.zeros, (features,))
       y = (x32 - mean) / jnp.sqrt(var + 1e-5) * weight + bias
@@ -274,10 +329,12 @@ class LayerNorm(nn.Module):
   """The reference `LayerNorm(dim, type)` wrapper; its parameters live in `body` as in PyTorch."""
   layer_norm_type: str = "WithBias"
   dtype: Dtype = jnp.float32
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return LayerNormBody(self.layer_norm_type != "BiasFree", self.dtype, name="body")(x)
+    return LayerNormBody(self.layer_norm_type != "BiasFree", self.dtype, self.schedule,
+                         name="body")(x)
 
 
 def pixel_unshuffle(x: jax.Array, factor: int = 2) -> jax.Array:

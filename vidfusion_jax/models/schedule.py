@@ -40,6 +40,14 @@ def resolve(schedule: str, platform: str | None = None) -> str:
   return CPU_MEMORY if platform == "cpu" else PLAIN
 
 
+def for_platforms(schedule: str, platforms) -> str:
+  """The schedule of one program lowered for all of `platforms` (e.g. a multi-platform export):
+  "auto" is "cpu_memory" only when every platform is "cpu"."""
+  if schedule == AUTO and any(p != "cpu" for p in platforms):
+    return PLAIN
+  return resolve(schedule, "cpu")
+
+
 def remat_policy(name: str) -> Callable | None:
   """The `jax.checkpoint` policy called `name` (see REMAT_POLICIES)."""
   if name not in REMAT_POLICIES:

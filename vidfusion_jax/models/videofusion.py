@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import (Conv2d, Conv3d, LayerNorm, apply_head_attention,
-                                         after, head_affinities, leaky_relu,
-                                         ordered_call, pixel_unshuffle,
+                                         after, head_affinities, leaky_relu, ordered_call,
+                                         pixel_unshuffle, scheduled_call,
                                          upsample_bilinear_align_corners)
 
 Dtype = Any
@@ -33,44 +34,87 @@ def _video(x: jax.Array, batch: int) -> jax.Array:
   return x.reshape((batch, -1) + x.shape[1:])
 
 
-class BlockConfig(nn.Module):
+class Scheduled(nn.Module):
+  """Compute dtype and how the module is scheduled (`models.schedule`): "cpu_memory" or "plain".
+
+  `remat` rematerialises the blocks run through `call_block` in the backward pass; in the "plain"
+  schedule with the `jax.checkpoint` policy named `remat_policy`.
+  """
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  schedule: str = schedule_lib.CPU_MEMORY
+  remat_policy: str = "full"
+
+  def after(self, x: Any, dependency: Any) -> Any:
+    """`layers.after` in the "cpu_memory" schedule; `x` unchanged otherwise."""
+    return after(x, dependency) if self.schedule == schedule_lib.CPU_MEMORY else x
+
+  def call_block(self, module: nn.Module, *args: jax.Array) -> Any:
+    return scheduled_call(module, *args, schedule=self.schedule, remat=self.remat,
+                          remat_policy=self.remat_policy)
+
+  def repeat(self, module: nn.Module, x: jax.Array, length: int) -> jax.Array:
+    """`module` applied `length` times in sequence, each time with its own params.
+
+    One `nn.scan`: the params are stacked along a leading axis of size `length` (`weights` maps
+    them to the per-block PyTorch names). In the "plain" schedule the block is traced and compiled
+    once; "cpu_memory" unrolls the loop (XLA:CPU compiles the ordered blocks in a loop far slower).
+    """
+    def step(block, carry, _):
+      return self.call_block(block, carry), None
+
+    unroll = length if self.schedule == schedule_lib.CPU_MEMORY else 1
+    scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+                   unroll=unroll)
+    return scan(module, x, None)[0]
+
+
+class BlockConfig(Scheduled):
   """Fields shared by the transformer-style blocks and their containers."""
-  num_heads: int
+  num_heads: int = 1
   ffn_expansion_factor: float = 1.0
   bias: bool = False
   layer_norm_type: str = "WithBias"
-  dtype: Dtype = jnp.float32
-  remat: bool = False
 
   def block_kwargs(self) -> dict[str, Any]:
+    """Fields of the blocks inside a container: no `remat` (the container rematerialises them)."""
     return dict(num_heads=self.num_heads, ffn_expansion_factor=self.ffn_expansion_factor,
-                bias=self.bias, layer_norm_type=self.layer_norm_type, dtype=self.dtype)
+                bias=self.bias, layer_norm_type=self.layer_norm_type, dtype=self.dtype,
+                schedule=self.schedule)
 
   def conv(self, features: int, kernel_size: int, name: str, depthwise: bool = False,
            padding: int | None = None, output_splits: int = 1) -> Conv2d:
     return Conv2d(features, kernel_size, self.bias, features if depthwise else 1, self.dtype,
-                  padding=padding, output_splits=output_splits, name=name)
+                  padding=padding, output_splits=output_splits, schedule=self.schedule, name=name)
 
   def norm(self, name: str) -> LayerNorm:
-    return LayerNorm(self.layer_norm_type, self.dtype, name=name)
+    return LayerNorm(self.layer_norm_type, self.dtype, self.schedule, name=name)
 
   def projection(self, features: int, name: str, dw_name: str, splits: int = 1):
     """`project(x, part=None)`: 1x1 projection then depthwise 3x3 (the "DConv" of MDTA / GDFN).
 
-    The output channels form `splits` blocks (q, k, v...), each computed on its own; `part=i`
-    computes block i only, so attention can compute v after its affinities and XLA never holds
-    all blocks at once. Without biases the 1x1 projection of a zero border is zero, so the input
-    is padded (in one fusion with the LayerNorm before it) instead of the projection.
+    The output channels form `splits` blocks (q, k, v...). In the "cpu_memory" schedule each is
+    computed on its own and `part=i` computes block i only, so attention can compute v after its
+    affinities and XLA never holds all blocks at once. In "plain" all blocks are one convolution
+    pair, computed once per input. Without biases the 1x1 projection of a zero border is zero, so
+    the input is padded (in one fusion with the LayerNorm before it) instead of the projection.
     """
     padding = None if self.bias else 0
-    pointwise = self.conv(features, 1, name, padding=padding, output_splits=splits)
+    ordered = self.schedule == schedule_lib.CPU_MEMORY
+    blocks = splits if ordered else 1
+    pointwise = self.conv(features, 1, name, padding=padding, output_splits=blocks)
     depthwise = self.conv(features, 3, dw_name, depthwise=True, padding=padding,
-                          output_splits=splits)
+                          output_splits=blocks)
+    computed = []  # "plain": [(input, all blocks)] of the last input projected
 
     def project(x: jax.Array, part: int | None = None) -> jax.Array | tuple[jax.Array, ...]:
-      if not self.bias:
-        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      return depthwise(pointwise(x, part), part)
+      padded = x if self.bias else jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      if ordered:
+        return depthwise(pointwise(padded, part), part)
+      if not computed or computed[0][0] is not x:
+        out = depthwise(pointwise(padded))
+        computed[:] = [(x, tuple(jnp.split(out, splits, axis=-1)) if splits > 1 else out)]
+      return computed[0][1] if part is None else computed[0][1][part]
 
     return project
 
@@ -106,7 +150,7 @@ class Attention(BlockConfig):
     qkv = self.projection(3 * c, "qkv", "qkv_dwconv", splits=3)
     attn = jax.nn.softmax(temperature * head_affinities(qkv(x, 0), qkv(x, 1), self.num_heads),
                           axis=-1)
-    v = qkv(after(x, attn), 2)  # q and k are dead before v exists
+    v = qkv(self.after(x, attn), 2)  # q and k are dead before v exists
     return self.conv(c, 1, "project_out")(apply_head_attention(attn, v))
 
 
@@ -118,11 +162,12 @@ class CrossAttention(BlockConfig):
     c = a.shape[-1]
     temperature = self.temperature()
     # The reference builds `norm` (always WithBias) but never calls it: create its params only.
-    LayerNorm("WithBias", name="norm")(a[:1, :1, :1])
+    if self.is_initializing():
+      LayerNorm("WithBias", schedule=self.schedule, name="norm")(a[:1, :1, :1])
     q = self.projection(c, "q", "q_dwconv")(a)
     kv = self.projection(2 * c, "kv", "kv_dwconv", splits=2)
     attn = jax.nn.softmax(temperature * head_affinities(q, kv(b, 0), self.num_heads), axis=-1)
-    v = kv(after(b, attn), 1)  # q and k are dead before v exists
+    v = kv(self.after(b, attn), 1)  # q and k are dead before v exists
     return self.conv(c, 1, "project_out")(apply_head_attention(attn, v))
 
 
@@ -151,9 +196,9 @@ class CoAttention(BlockConfig):
       return jax.nn.softmax(temperature * head_affinities(q, k, self.num_heads), axis=-1)
 
     attn_prev = affinities(kv_prev(neighbours(x, -1), 0))
-    attn_next = affinities(kv_next(neighbours(after(x, attn_prev), 1), 0))  # one key map at a time
+    attn_next = affinities(kv_next(neighbours(self.after(x, attn_prev), 1), 0))  # one key map at a time
     attn = jax.nn.softmax(attn_prev * attn_next, axis=-1)
-    x = after(x, attn)
+    x = self.after(x, attn)
     v = kv_prev(neighbours(x, -1), 1) + kv_next(neighbours(x, 1), 1)
     return _video(self.conv(c, 1, "project_out")(apply_head_attention(attn, v)), batch)
 
@@ -194,8 +239,11 @@ class FusionModule(BlockConfig):
   def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
     block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
     query = ir + vi
-    with_ir = ordered_call(block, query, ir, remat=self.remat)
-    return with_ir + ordered_call(block, *after((query, vi), with_ir), remat=self.remat)
+    if self.schedule != schedule_lib.CPU_MEMORY:  # Both calls as one, over a doubled batch.
+      both = self.call_block(block, jnp.concatenate([query, query]), jnp.concatenate([ir, vi]))
+      return both[:query.shape[0]] + both[query.shape[0]:]
+    with_ir = self.call_block(block, query, ir)
+    return with_ir + self.call_block(block, *self.after((query, vi), with_ir))
 
 
 class CrossModalityDiffEnhance(BlockConfig):
@@ -204,19 +252,17 @@ class CrossModalityDiffEnhance(BlockConfig):
   @nn.compact
   def __call__(self, x: jax.Array, supple: jax.Array) -> jax.Array:
     block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
-    return ordered_call(block, x, supple - x, remat=self.remat)
+    return self.call_block(block, x, supple - x)
 
 
 class FusionEnhance(BlockConfig):
-  """`num_blocks` TransformerBlocks named `transformer_{i}`."""
+  """`num_blocks` TransformerBlocks, scanned (`transformer`: params stacked by block)."""
   num_blocks: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_blocks):
-      block = TransformerBlock(**self.block_kwargs(), name=f"transformer_{i}")
-      x = ordered_call(block, x, remat=self.remat)
-    return x
+    block = TransformerBlock(**self.block_kwargs(), name="transformer")
+    return self.repeat(block, x, self.num_blocks)
 
 
 class CoAttentionModule(BlockConfig):
@@ -224,23 +270,21 @@ class CoAttentionModule(BlockConfig):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block = CoTransformerBlock(**self.block_kwargs(), name="co_transformer")
-    return ordered_call(block, x, remat=self.remat)
+    return CoTransformerBlock(**self.block_kwargs(), name="co_transformer")(x)
 
 
 class StackedCoAttention(BlockConfig):
-  """`num_layers` co-attention layers applied in sequence on (B, T, H, W, C)."""
+  """`num_layers` co-attention layers on (B, T, H, W, C), scanned (`layers`: params stacked)."""
   num_layers: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_layers):
-      x = CoAttentionModule(**self.block_kwargs(), remat=self.remat, name=f"layers_{i}")(x)
-    return x
+    return self.repeat(CoAttentionModule(**self.block_kwargs(), name="layers"), x, self.num_layers)
 
 
 class Decoder3D(BlockConfig):
-  """TransformerBlocks, then 1x1 C -> C/2 (bias), LeakyReLU(0.2), 3x3 C/2 -> out (no bias).
+  """TransformerBlocks (scanned, `decoder`: params stacked), then 1x1 C -> C/2 (bias),
+  LeakyReLU(0.2), 3x3 C/2 -> out (no bias).
 
   Purely 2-D despite the reference's name.
   """
@@ -250,9 +294,7 @@ class Decoder3D(BlockConfig):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    for i in range(self.num_blocks):
-      block = TransformerBlock(**self.block_kwargs(), name=f"decoder_{i}")
-      x = ordered_call(block, x, remat=self.remat)
+    x = self.repeat(TransformerBlock(**self.block_kwargs(), name="decoder"), x, self.num_blocks)
     x = Conv2d(c // 2, 1, use_bias=True, dtype=self.dtype, name="conv_0")(x)
     x = leaky_relu(x, 0.2)
     return Conv2d(self.out_channels, 3, use_bias=False, dtype=self.dtype, name="conv_2")(x)
@@ -284,11 +326,12 @@ class Conv3DModule(nn.Module):
   """Conv3d -> LeakyReLU(0.2) -> Conv3d on (B, T, H, W, C)."""
   features: int
   dtype: Dtype = jnp.float32
+  schedule: str = schedule_lib.CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv3d(self.features, self.dtype, name="module_0")(x)
-    return Conv3d(self.features, self.dtype, name="module_2")(leaky_relu(x, 0.2))
+    x = Conv3d(self.features, self.dtype, self.schedule, name="module_0")(x)
+    return Conv3d(self.features, self.dtype, self.schedule, name="module_2")(leaky_relu(x, 0.2))
 
 
 class ResidualBlockNoBN(nn.Module):
@@ -304,16 +347,12 @@ class ResidualBlockNoBN(nn.Module):
     return x + conv2(leaky_relu(conv1(x), 0.1))
 
 
-class ResidualBlocks2D(nn.Module):
-  """Four ResidualBlockNoBN in sequence (`blocks.0.{k}` in PyTorch)."""
-  dtype: Dtype = jnp.float32
-  remat: bool = False
+class ResidualBlocks2D(Scheduled):
+  """Four ResidualBlockNoBN in sequence (`blocks.0.{k}` in PyTorch), scanned (`blocks_0`)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for k in range(4):
-      x = ordered_call(ResidualBlockNoBN(self.dtype, name=f"blocks_0_{k}"), x, remat=self.remat)
-    return x
+    return self.repeat(ResidualBlockNoBN(self.dtype, name="blocks_0"), x, 4)
 
 
 class ChannelAttention(nn.Module):
@@ -377,8 +416,11 @@ class VideoFusion(nn.Module):
   `apply(variables, ir, vis)` with ir, vis (B, T, H, W, in_channels) in [0, 1] returns
   {"fusion", "ir", "vi"}, each (B, T, H, W, out_channels) in (0, 1). H and W must be multiples of 4
   and T >= 2. `dtype` is the compute dtype (params stay float32); `remat` rematerialises the heavy
-  blocks in the backward pass. Activations of the top-level children (named as the reference's)
-  can be captured with `capture_intermediates=capture_top_level`.
+  blocks in the backward pass. `schedule` ("auto", "cpu_memory" or "plain", see `models.schedule`;
+  "auto" follows JAX's default backend) and `remat_policy` (a `schedule.REMAT_POLICIES` name, used
+  by "plain") change how the network is computed, never its params or results. Activations of
+  the top-level children (named as the reference's) can be captured with
+  `capture_intermediates=capture_top_level`.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -391,6 +433,8 @@ class VideoFusion(nn.Module):
   layer_norm_type: str = "WithBias"
   dtype: Dtype = jnp.float32
   remat: bool = False
+  schedule: str = schedule_lib.AUTO
+  remat_policy: str = "full"
   spatial_multiple: ClassVar[int] = 4  # two 2x PixelUnshuffle stages
   min_frames: ClassVar[int] = 2  # the co-attention of frame 0 reads frame 1
 
@@ -412,30 +456,35 @@ class VideoFusion(nn.Module):
   @nn.compact
   def __call__(self, ir: jax.Array, vis: jax.Array) -> dict[str, jax.Array]:
     self._check_inputs(ir, vis)
+    schedule = schedule_lib.resolve(self.schedule)
+    schedule_lib.remat_policy(self.remat_policy)  # validates the name
     batch = ir.shape[0]
-    f, dt, remat = self.num_features, self.dtype, self.remat
+    f, dt = self.num_features, self.dtype
+    scheduled = dict(dtype=dt, remat=self.remat, schedule=schedule, remat_policy=self.remat_policy)
 
     def kwargs(scale):
       return dict(num_heads=self.num_heads[scale], ffn_expansion_factor=self.ffn_expansion_factor,
-                  bias=self.bias, layer_norm_type=self.layer_norm_type, dtype=dt, remat=remat)
+                  bias=self.bias, layer_norm_type=self.layer_norm_type, **scheduled)
 
     last_output = []
 
     def stage(module, *inputs):  # Runs after the previous stage; its backward runs before.
+      if schedule != schedule_lib.CPU_MEMORY:
+        return module(*inputs)
       if last_output:
         inputs = after(inputs, last_output[0])
       last_output[:] = [ordered_call(module, *inputs)]
       return last_output[0]
 
     def encode3d(frames, features, name):  # Conv3DModule on the video, returned as frames.
-      return _frames(stage(Conv3DModule(features, dt, name=name), _video(frames, batch)))
+      return _frames(stage(Conv3DModule(features, dt, schedule, name=name), _video(frames, batch)))
 
     def scale_features(x_ir, x_vi, scale, suffix):  # Scales 2 and 3: 3-D conv, res blocks, CmDRM.
       features = f * 2 ** scale
       x_ir = encode3d(x_ir, features, f"conv3d_ir_{suffix}")
       x_vi = encode3d(x_vi, features, f"conv3d_vi_{suffix}")
-      x_ir = stage(ResidualBlocks2D(dt, remat, name=f"ir_conv_enhance_{suffix}"), x_ir)
-      x_vi = stage(ResidualBlocks2D(dt, remat, name=f"vi_conv_enhance_{suffix}"), x_vi)
+      x_ir = stage(ResidualBlocks2D(**scheduled, name=f"ir_conv_enhance_{suffix}"), x_ir)
+      x_vi = stage(ResidualBlocks2D(**scheduled, name=f"vi_conv_enhance_{suffix}"), x_vi)
       enhance = functools.partial(CrossModalityDiffEnhance, **kwargs(scale))
       e_ir = stage(enhance(name=f"cross_modal_enhance_ir_{suffix}"), x_ir, x_vi)
       e_vi = stage(enhance(name=f"cross_modal_enhance_vi_{suffix}"), x_vi, x_ir)
