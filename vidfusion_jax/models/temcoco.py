@@ -41,6 +41,11 @@ def _lrelu(x: jax.Array) -> jax.Array:
   return nn.leaky_relu(x, 0.2)
 
 
+def _softmax(scores: jax.Array) -> jax.Array:
+  """Softmax over the last axis in at least float32 (bfloat16 scores are upcast, float64 kept)."""
+  return jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1)
+
+
 def _normal(std: float) -> Callable:
   def init(key, shape, dtype=jnp.float32):
     return std * jax.random.normal(key, shape, dtype)
@@ -287,7 +292,7 @@ class WindowAttention(nn.Module):
     n = x.shape[1]
     bias = bias.reshape(n, n, SWIN_HEADS).transpose(2, 0, 1)
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) + bias.astype(q.dtype)
-    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = _softmax(scores).astype(v.dtype)
     out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(x.shape[0], n, self.dim)
     return _torch_dense(self.dim, self.dim, dtype=self.dtype, name="proj")(out)
 
@@ -349,7 +354,7 @@ class TemporalAttention(nn.Module):
     q, k, v = (heads(_torch_dense(inner, dim, use_bias=False, dtype=self.dtype, name=n)(s))
                for n in ("to_q", "to_k", "to_v"))
     scores = jnp.einsum("bthwnd,bshwnd->bhwnts", q * TEMPORAL_HEAD_DIM ** -0.5, k)
-    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = _softmax(scores).astype(v.dtype)
     out = jnp.einsum("bhwnts,bshwnd->bthwnd", attn, v).reshape(*x.shape[:-1], inner)
     out = Seq(functools.partial(_torch_dense, dim, inner, dtype=self.dtype), name="to_out")(out)
     return x + out
