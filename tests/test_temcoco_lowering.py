@@ -66,17 +66,18 @@ LOWER_SCRIPT = textwrap.dedent("""
     video = jax.ShapeDtypeStruct((1, 7, 480, 640, 3), jnp.uint8)
     programs = {"train": (train_step, (state, batch, frozen)),
                 "inference": (infer_step, (state.params, video, video))}
-    result = {"conv3d_kernels": sum(leaf.ndim == 5 for leaf in jax.tree.leaves(state.params))}
+    result = {"conv3d_kernels": sorted({"x".join(map(str, leaf.shape))
+                                        for leaf in jax.tree.leaves(state.params) if leaf.ndim == 5})}
     for name, (fn, args) in programs.items():
       for platform in sys.argv[2:]:
         text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
-        convs = collections.Counter(re.findall(r"stablehlo.convolution.*dim_numbers = (\\[[^]]*\\])",
-                                               text))
+        convs = re.findall(r"stablehlo.convolution.*dim_numbers = (\\[[^]]*\\]).*: "
+                           r"\\(tensor<[^>]*>, tensor<([0-9x]+)xf32>\\)", text)
         result[f"{name}/{platform}"] = dict(
             custom_calls=sorted(set(re.findall(r"custom_call @([\\w.]+)", text))),
             cpu_mentions=len(re.findall(r"cpu|host", text, re.IGNORECASE)),
-            conv3d=convs["[b, 0, 1, 2, f]"], conv2d=convs["[b, 0, 1, f]"],
-            sharded_args=len(re.findall(r"mhlo.sharding = \\"{devices=", text)),
+            conv3d_kernels=sorted({k for dims, k in convs if dims == "[b, 0, 1, 2, f]"}),
+            sharded=len(re.findall(r"(?:mhlo|sdy)\\.sharding", text)),
             ops=len(re.findall(r"\\b(?:stablehlo|chlo)\\.[a-z_]+", text)))
     print(json.dumps(result))
 """)
@@ -102,14 +103,11 @@ def test_plain_schedule_lowers_without_cpu_only_ops(lowered, program, platform):
   assert summary["cpu_mentions"] == 0, summary
   assert set(summary["custom_calls"]) <= {"Sharding", "SPMDFullToShardShape",
                                           "SPMDShardToFullShape"}, summary
-  # Every Conv3d is one 3-D convolution; the backward adds (at least) their kernel gradients.
-  kernels = lowered["conv3d_kernels"]
-  if program == "inference":
-    assert summary["conv3d"] == kernels, summary
-  else:
-    assert summary["conv3d"] >= 2 * kernels, summary
+  # Every Conv3d kernel (all 5-D params) is the kernel of a 3-D convolution: none was rewritten
+  # as 2-D convolutions or matmuls.
+  assert set(lowered["conv3d_kernels"]) <= set(summary["conv3d_kernels"]), summary
   if program == "train":  # the state is sharded over the 8 devices
-    assert summary["sharded_args"] > 0, summary
+    assert summary["sharded"] > 0, summary
   print(program, platform, summary)  # op counts for the record (`pytest -s`)
 
 
