@@ -7,6 +7,7 @@ import pytest
 
 from vidfusion_jax import models
 from vidfusion_jax import weights
+from vidfusion_jax.models import schedule
 from vidfusion_jax.models import temcoco
 
 ATOL = 1e-4
@@ -50,10 +51,11 @@ def params(state_dict):
   return weights.from_torch_state_dict("temcoco", state_dict)
 
 
-@pytest.fixture(scope="module")
-def apply_fn():
-  """One jitted forward (with every module's output captured) shared by the golden tests."""
-  model = temcoco.TemCoCo()
+@pytest.fixture(scope="module", params=[schedule.CPU_MEMORY, schedule.PLAIN])
+def apply_fn(request):
+  """One jitted forward (with every module's output captured) per schedule, shared by the golden
+  tests: both schedules must reproduce the reference."""
+  model = temcoco.TemCoCo(schedule=request.param)
   return jax.jit(lambda p, ir, vis: model.apply({"params": p}, ir, vis,
                                                 capture_intermediates=True))
 
@@ -177,6 +179,11 @@ def test_reference_config_and_size_checks():
     models.from_reference_config("temcoco", {"num_features": 32})
   with pytest.raises(ValueError, match="unknown TemCoCo overrides"):
     models.from_reference_config("temcoco", {}, heads=3)
+  x = jnp.zeros((1, 1, 16, 16, 3))
+  with pytest.raises(ValueError, match="TemCoCo.schedule must be"):
+    jax.eval_shape(temcoco.TemCoCo(schedule="auto").init, jax.random.key(0), x, x)
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    jax.eval_shape(temcoco.TemCoCo(remat_policy="some").init, jax.random.key(0), x, x)
   for shape in [(1, 2, 24, 32, 3), (1, 2, 32, 40, 3), (1, 0, 32, 32, 3), (1, 2, 32, 32, 1),
                 (2, 32, 32, 3)]:
     x = jnp.zeros(shape)
@@ -193,10 +200,12 @@ def test_neighbour_frames_match_reference_rule():
 
 
 def test_bfloat16_and_remat_keep_params_and_outputs(params):
-  """dtype=bfloat16 computes in bf16 with float32 params; remat changes neither names nor values."""
+  """dtype=bfloat16 computes in bf16 with float32 params; remat (with a named policy, as
+  `objectives.build_model` passes it) changes neither names nor values."""
   x = jax.random.uniform(jax.random.key(0), (1, 2, 16, 16, 3))
   reference = temcoco.TemCoCo()
-  fast = models.from_reference_config("temcoco", {"n_feat": 32}, dtype=jnp.bfloat16, remat=True)
+  fast = models.from_reference_config("temcoco", {"n_feat": 32}, dtype=jnp.bfloat16, remat=True,
+                                      remat_policy="dots")
   shapes = jax.eval_shape(fast.init, jax.random.key(0), x, x)["params"]
   assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(params)
   assert all(s.dtype == jnp.float32 for s in jax.tree_util.tree_leaves(shapes))

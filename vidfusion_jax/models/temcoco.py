@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.deform_conv import deform_conv2d
 from vidfusion_jax.models.layers import torch_bias_init
 from vidfusion_jax.models.layers import torch_kernel_init
+from vidfusion_jax.models.schedule import CPU_MEMORY
 
 N_FEAT = 32  # The only width the reference supports (other channel counts are hard-coded there).
 WINDOW = (2, 8, 8)
@@ -37,6 +39,11 @@ Dtype = Any
 
 def _lrelu(x: jax.Array) -> jax.Array:
   return nn.leaky_relu(x, 0.2)
+
+
+def _softmax(scores: jax.Array) -> jax.Array:
+  """Softmax over the last axis in at least float32 (bfloat16 scores are upcast, float64 kept)."""
+  return jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), axis=-1)
 
 
 def _normal(std: float) -> Callable:
@@ -81,13 +88,14 @@ class Conv3d(nn.Module):
   """torch.nn.Conv3d with kernel (1, k, k) (spatial, stride (1, s, s)), (3, 1, 1) (temporal) or
   (1, 1, 1), zero padding k // 2, on (B, T, H, W, C); kernel stored (kt, kh, kw, in, out).
 
-  Computed as 2-D convolutions / matmuls over folded frames: XLA's 3-D convolution is several
-  times slower on CPU.
+  In the "cpu_memory" schedule it is computed as 2-D convolutions / matmuls over folded frames
+  (XLA:CPU's 3-D convolution is several times slower); "plain" is one 3-D convolution.
   """
   features: int
   kernel: tuple[int, int, int]
   stride: int = 1
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,7 +105,11 @@ class Conv3d(nn.Module):
     bias = self.param("bias", torch_bias_init(c * kt * kh * kw), (self.features,))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if kt == 1 and kh > 1:
+    if self.schedule != CPU_MEMORY:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (1, self.stride, self.stride), [(k // 2, k // 2) for k in self.kernel],
+          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    elif kt == 1 and kh > 1:
       y = jax.lax.conv_general_dilated(
           x.reshape(b * t, h, w, c), kernel[0], (self.stride, self.stride),
           [(kh // 2, kh // 2), (kw // 2, kw // 2)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -118,10 +130,12 @@ class Conv3DModule(nn.Module):
   kernel: tuple[int, int, int]
   stride: int = 1
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _lrelu(Conv3d(self.features, self.kernel, self.stride, self.dtype, name="conv3d")(x))
+    return _lrelu(Conv3d(self.features, self.kernel, self.stride, self.dtype, self.schedule,
+                        name="conv3d")(x))
 
 
 class Separable3DConv(nn.Module):
@@ -129,20 +143,24 @@ class Separable3DConv(nn.Module):
   features: int
   stride: int = 1
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv3DModule(self.features, (1, 3, 3), self.stride, self.dtype, name="spatial_conv")(x)
-    return Conv3DModule(self.features, (3, 1, 1), dtype=self.dtype, name="depth_conv")(x)
+    conv = functools.partial(Conv3DModule, self.features, dtype=self.dtype, schedule=self.schedule)
+    x = conv((1, 3, 3), self.stride, name="spatial_conv")(x)
+    return conv((3, 1, 1), name="depth_conv")(x)
 
 
 class ResBlock(nn.Module):
   features: int
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    layer = functools.partial(Separable3DConv, self.features, dtype=self.dtype)
+    layer = functools.partial(Separable3DConv, self.features, dtype=self.dtype,
+                              schedule=self.schedule)
     return x + Seq(layer, name="main_branch")(x)
 
 
@@ -151,24 +169,26 @@ class ConvResBlockTwo(nn.Module):
   features: int
   stride: int = 1
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Separable3DConv(self.features, self.stride, self.dtype, name="0")(x)
-    x = ResBlock(self.features, self.dtype, name="1")(x)
-    return ResBlock(self.features, self.dtype, name="2")(x)
+    x = Separable3DConv(self.features, self.stride, self.dtype, self.schedule, name="0")(x)
+    x = ResBlock(self.features, self.dtype, self.schedule, name="1")(x)
+    return ResBlock(self.features, self.dtype, self.schedule, name="2")(x)
 
 
 class Encoder(nn.Module):
   """`Encoder_v3(3, 32)`: returns features at full, 1/2 and 1/4 resolution."""
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    x = Separable3DConv(N_FEAT, dtype=self.dtype, name="conv0")(x)
-    f1 = ConvResBlockTwo(N_FEAT, dtype=self.dtype, name="conv1")(x)
-    f2 = ConvResBlockTwo(2 * N_FEAT, 2, self.dtype, name="conv2")(f1)
-    f3 = ConvResBlockTwo(4 * N_FEAT, 2, self.dtype, name="conv3")(f2)
+    x = Separable3DConv(N_FEAT, dtype=self.dtype, schedule=self.schedule, name="conv0")(x)
+    f1 = ConvResBlockTwo(N_FEAT, 1, self.dtype, self.schedule, name="conv1")(x)
+    f2 = ConvResBlockTwo(2 * N_FEAT, 2, self.dtype, self.schedule, name="conv2")(f1)
+    f3 = ConvResBlockTwo(4 * N_FEAT, 2, self.dtype, self.schedule, name="conv3")(f2)
     return f1, f2, f3
 
 
@@ -197,31 +217,33 @@ class ConvTranspose2x4(nn.Module):
 class BranchSeg(nn.Module):
   """`Branch_Seg`: returns (feature, 1024-channel distillation head at 1/16 resolution)."""
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     nf = 4 * N_FEAT
     b, t, h, w, _ = x.shape
-    f1 = Seq(functools.partial(ConvResBlockTwo, nf, dtype=self.dtype), name="conv1")(x)
+    block = functools.partial(ConvResBlockTwo, nf, dtype=self.dtype, schedule=self.schedule)
+    f1 = Seq(block, name="conv1")(x)
     frames = f1.reshape(b * t, h, w, nf)
     seg = _torch_conv(1024, (3, 3), nf, strides=(4, 4), padding="VALID", dtype=self.dtype,
                       name="down")(frames)
     up = ConvTranspose2x4(nf, self.dtype, name="up")(seg)
     # The reference's raw torch.reshape of the (b t) c h w tensor to b c t h w (mixes T and C).
     up = up.transpose(0, 3, 1, 2).reshape(b, nf, t, h, w).transpose(0, 2, 3, 4, 1)
-    f2 = Seq(functools.partial(ConvResBlockTwo, nf, dtype=self.dtype), name="conv2")(
-        jnp.concatenate([up, f1], axis=-1))
+    f2 = Seq(block, name="conv2")(jnp.concatenate([up, f1], axis=-1))
     return f2, seg.reshape(b, t, *seg.shape[1:])
 
 
 class BranchVisual(nn.Module):
   """`Branch_Visual`: returns (feature, 256-channel distillation head)."""
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    v = ConvResBlockTwo(8 * N_FEAT, dtype=self.dtype, name="conv1")(x)
-    return ConvResBlockTwo(4 * N_FEAT, dtype=self.dtype, name="conv2")(v), v
+    v = ConvResBlockTwo(8 * N_FEAT, 1, self.dtype, self.schedule, name="conv1")(x)
+    return ConvResBlockTwo(4 * N_FEAT, 1, self.dtype, self.schedule, name="conv2")(v), v
 
 
 @functools.cache
@@ -270,7 +292,7 @@ class WindowAttention(nn.Module):
     n = x.shape[1]
     bias = bias.reshape(n, n, SWIN_HEADS).transpose(2, 0, 1)
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) + bias.astype(q.dtype)
-    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = _softmax(scores).astype(v.dtype)
     out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(x.shape[0], n, self.dim)
     return _torch_dense(self.dim, self.dim, dtype=self.dtype, name="proj")(out)
 
@@ -332,7 +354,7 @@ class TemporalAttention(nn.Module):
     q, k, v = (heads(_torch_dense(inner, dim, use_bias=False, dtype=self.dtype, name=n)(s))
                for n in ("to_q", "to_k", "to_v"))
     scores = jnp.einsum("bthwnd,bshwnd->bhwnts", q * TEMPORAL_HEAD_DIM ** -0.5, k)
-    attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attn = _softmax(scores).astype(v.dtype)
     out = jnp.einsum("bhwnts,bshwnd->bthwnd", attn, v).reshape(*x.shape[:-1], inner)
     out = Seq(functools.partial(_torch_dense, dim, inner, dtype=self.dtype), name="to_out")(out)
     return x + out
@@ -341,18 +363,19 @@ class TemporalAttention(nn.Module):
 class BranchAndCombine(nn.Module):
   """`Branch_and_Combine(nf=128)` on the 1/4-resolution encoder features."""
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, feat_ir: jax.Array, feat_vi: jax.Array) -> dict[str, jax.Array]:
     nf = 4 * N_FEAT
-    vi_s, vi_seg = BranchSeg(self.dtype, name="Branch_s1")(feat_vi)
-    vi_v, vi_visual = BranchVisual(self.dtype, name="Branch_v1")(feat_vi)
-    ir_s, ir_seg = BranchSeg(self.dtype, name="Branch_s2")(feat_ir)
-    ir_v, ir_visual = BranchVisual(self.dtype, name="Branch_v2")(feat_ir)
+    vi_s, vi_seg = BranchSeg(self.dtype, self.schedule, name="Branch_s1")(feat_vi)
+    vi_v, vi_visual = BranchVisual(self.dtype, self.schedule, name="Branch_v1")(feat_vi)
+    ir_s, ir_seg = BranchSeg(self.dtype, self.schedule, name="Branch_s2")(feat_ir)
+    ir_v, ir_visual = BranchVisual(self.dtype, self.schedule, name="Branch_v2")(feat_ir)
     feat_seg = jnp.concatenate(CombineAttn(nf, self.dtype, name="combine_seg")(vi_s, ir_s), -1)
     feat_vis = jnp.concatenate(CombineAttn(nf, self.dtype, name="combine_vis")(vi_v, ir_v), -1)
     a_s, a_v = CombineAttn(2 * nf, self.dtype, name="SegVisAttn")(feat_seg, feat_vis)
-    feat = ConvResBlockTwo(nf, dtype=self.dtype, name="combine")(
+    feat = ConvResBlockTwo(nf, 1, self.dtype, self.schedule, name="combine")(
         jnp.concatenate([a_s, a_v], -1))
     feat = TemporalAttention(self.dtype, name="attn_temp")(feat)
     return dict(feat=feat, ir_seg=ir_seg, ir_visual=ir_visual, vi_seg=vi_seg,
@@ -397,6 +420,7 @@ class VITDCN(nn.Module):
   """
   embed_dim: int
   dtype: Dtype = None
+  schedule: str = CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array, feat_a: jax.Array, feat_b: jax.Array,
@@ -437,8 +461,8 @@ class VITDCN(nn.Module):
       offsets.append(videos(offset))
     y = _lrelu(seq_conv("fuse_neighb", e)(jnp.concatenate(aligned, -1)))
     y = videos(y)
-    enhanced = Separable3DConv(half, dtype=self.dtype, name="fuse_feature")(
-        jnp.concatenate([x, y], -1)) + x
+    fuse = Separable3DConv(half, dtype=self.dtype, schedule=self.schedule, name="fuse_feature")
+    enhanced = fuse(jnp.concatenate([x, y], -1)) + x
     return enhanced, tuple(offsets)
 
 
@@ -452,10 +476,18 @@ class TemCoCo(nn.Module):
 
   Attributes:
     dtype: compute dtype (parameters stay float32).
-    remat: rematerialise the top-level stages in the backward pass (saves activation memory).
+    remat: rematerialise the top-level stages (encoders, branch/combine, both DCN stages) in the
+      backward pass (saves activation memory).
+    remat_policy: what the rematerialised stages save (`schedule.REMAT_POLICIES`; "full" saves
+      nothing).
+    schedule: "cpu_memory" (3-D convolutions as 2-D ones, fast on XLA:CPU) or "plain" (native
+      3-D convolutions, for GPU and TPU); `schedule.resolve` picks it from "auto". Parameters and
+      outputs are the same in both.
   """
   dtype: Dtype = None
   remat: bool = False
+  remat_policy: str = "full"
+  schedule: str = CPU_MEMORY
 
   spatial_multiple: ClassVar[int] = SIZE_MULTIPLE  # H and W must be multiples of this
   min_frames: ClassVar[int] = 1
@@ -463,16 +495,24 @@ class TemCoCo(nn.Module):
   @nn.compact
   def __call__(self, ir: jax.Array, vis: jax.Array) -> dict[str, jax.Array]:
     check_input_shapes(ir, vis)
-    wrap = nn.remat if self.remat else (lambda cls: cls)
-    dtype = self.dtype
+    if self.schedule not in (schedule_lib.CPU_MEMORY, schedule_lib.PLAIN):
+      raise ValueError(f"TemCoCo.schedule must be {schedule_lib.CPU_MEMORY!r} or "
+                       f"{schedule_lib.PLAIN!r} (resolve 'auto' with schedule.resolve); "
+                       f"got {self.schedule!r}")
+    policy = schedule_lib.remat_policy(self.remat_policy)
+    wrap = (lambda cls: nn.remat(cls, policy=policy)) if self.remat else (lambda cls: cls)
+    dtype, sched = self.dtype, self.schedule
     if dtype is not None:
       ir, vis = ir.astype(dtype), vis.astype(dtype)
-    f1_ir, f2_ir, f3_ir = wrap(Encoder)(dtype, name="Enc_ir")(ir)
-    f1_vi, f2_vi, f3_vi = wrap(Encoder)(dtype, name="Enc_vis")(vis)
-    heads = wrap(BranchAndCombine)(dtype, name="SegBranchCombine")(f3_ir, f3_vi)
-    dcn1, offsets = wrap(VITDCN)(8 * N_FEAT // 2, dtype, name="DCN_1")(heads["feat"], f2_ir, f2_vi)
-    dcn2, _ = wrap(VITDCN)(4 * N_FEAT // 2, dtype, name="DCN_2")(dcn1, f1_ir, f1_vi, offsets)
-    fused = Seq(functools.partial(Separable3DConv, 3, dtype=dtype), "conv0", name="dec")(dcn2)
+    f1_ir, f2_ir, f3_ir = wrap(Encoder)(dtype, sched, name="Enc_ir")(ir)
+    f1_vi, f2_vi, f3_vi = wrap(Encoder)(dtype, sched, name="Enc_vis")(vis)
+    heads = wrap(BranchAndCombine)(dtype, sched, name="SegBranchCombine")(f3_ir, f3_vi)
+    dcn1, offsets = wrap(VITDCN)(8 * N_FEAT // 2, dtype, sched, name="DCN_1")(
+        heads["feat"], f2_ir, f2_vi)
+    dcn2, _ = wrap(VITDCN)(4 * N_FEAT // 2, dtype, sched, name="DCN_2")(dcn1, f1_ir, f1_vi,
+                                                                        offsets)
+    fused = Seq(functools.partial(Separable3DConv, 3, dtype=dtype, schedule=sched), "conv0",
+                name="dec")(dcn2)
     return dict(fusion=fused, **{k: v for k, v in heads.items() if k != "feat"})
 
 
@@ -494,7 +534,8 @@ def check_input_shapes(ir: jax.Array, vis: jax.Array) -> None:
 def from_reference_config(cfg: Optional[dict] = None, **overrides: Any) -> TemCoCo:
   """Builds TemCoCo from the reference constructor arguments (`Fusion(n_feat=32)`).
 
-  `overrides` set module fields (`dtype`, `remat`).
+  `overrides` set module fields (`dtype`, `remat`, `remat_policy`, `schedule`), as
+  `objectives.build_model` does.
   """
   cfg = dict(cfg or {})
   n_feat = cfg.pop("n_feat", N_FEAT)
