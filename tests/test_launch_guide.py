@@ -58,9 +58,10 @@ SCRIPT = textwrap.dedent("""
     from vidfusion_jax import sharding, train
     results = []
     for config_file, overrides, platform, num_devices in json.loads(sys.argv[1]):
+      argv = ["train", f"--config={config_file}", *overrides]
       flag_values = flags.FlagValues()
-      config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
-      flag_values(["train", f"--config={config_file}", *overrides])
+      config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+      flag_values(argv)
       config = flag_values.config
       mesh = sharding.mesh_from_config(config, jax.devices()[:num_devices])
       train.validate_batch_config(config, mesh)

@@ -69,8 +69,11 @@ def two_processes(tmp_path_factory, records, compilation_cache):
   first = _start_processes(workdir, records, env, _free_port())
   _signal_after_step(first[1], workdir, 6, signal.SIGTERM)
   first_stderr = [p.communicate(timeout=600)[1] for p in first]
+  checkpoints = checkpointing.Checkpointer(workdir, read_only=True).all_steps()
   stopped = {"returncodes": [p.returncode for p in first], "stderr": first_stderr,
-             "checkpoints": checkpointing.Checkpointer(workdir, read_only=True).all_steps()}
+             "checkpoints": checkpoints, "iterator_states": sorted(
+                 p.name for p in (workdir / "checkpoints" / str(max(checkpoints)) / "data").glob(
+                     "*.json"))}
   second = _start_processes(workdir, records, env, _free_port())
   second_stderr = [p.communicate(timeout=600)[1] for p in second]
   return {"workdir": workdir, "stopped": stopped,
@@ -81,13 +84,11 @@ def two_processes(tmp_path_factory, records, compilation_cache):
 @pytest.mark.multiprocess
 def test_sigterm_to_one_process_stops_both_at_one_step(two_processes):
   stopped = two_processes["stopped"]
-  assert stopped["returncodes"] == [0, 0], stopped["stderr"][0][-3000:] + stopped["stderr"][1][-3000:]
-  steps = [int(err.split("saved checkpoint at step ")[1].split(";")[0]) for err in stopped["stderr"]]
+  assert stopped["returncodes"] == [0, 0], "".join(e[-3000:] for e in stopped["stderr"])
+  steps = [int(e.split("saved checkpoint at step ")[1].split(";")[0]) for e in stopped["stderr"]]
   assert steps[0] == steps[1] and 6 <= steps[0] < 20
   assert stopped["checkpoints"][-1] == steps[0]
-  state_dir = two_processes["workdir"] / "checkpoints" / str(steps[0])
-  assert sorted(p.name for p in (state_dir / "data").glob("*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert stopped["iterator_states"] == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 @pytest.mark.slow
