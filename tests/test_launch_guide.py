@@ -8,7 +8,6 @@ step lowered with `lowering_platforms` for the cluster's platform; nothing is co
 """
 
 import json
-import pathlib
 import re
 import subprocess
 import sys
@@ -16,7 +15,8 @@ import textwrap
 
 import pytest
 
-from test_train_standin import REPO, compilation_cache, subprocess_env  # pylint: disable=unused-import
+from test_train_standin import REPO, subprocess_env
+from test_train_standin import compilation_cache  # pylint: disable=unused-import
 
 # A marker of each launch block -> (platform, number of devices of the cluster it describes).
 CLUSTERS = {

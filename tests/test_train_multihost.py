@@ -5,7 +5,6 @@ this process on one device and once as 2 processes x 1 CPU device (gloo); proces
 SIGTERM mid-run, then both processes are restarted and finish.
 """
 
-import json
 import signal
 import subprocess
 
