@@ -31,8 +31,9 @@ SCRIPT = textwrap.dedent("""
     checkpointer = checkpointing.Checkpointer(out, async_checkpointing=False)
     checkpointer.save(1, state, force=True)
     checkpointer.close()
-    results = {"fsdp_split": sum(
-        1 for x in jax.tree.leaves(state.params) if x.sharding.spec != jax.sharding.PartitionSpec())}
+    split = lambda params: sum(1 for x in jax.tree.leaves(params)
+                               if x.sharding.spec != jax.sharding.PartitionSpec())
+    results = {"fsdp_split": split(state.params)}
     for name, shape, num_devices in (("1", (1, 1), 1), ("4x2", (4, 2), 8)):
       config.mesh.shape = shape
       target = train.make_trainer(config, sharding.mesh_from_config(config,
@@ -48,8 +49,7 @@ SCRIPT = textwrap.dedent("""
       results[name] = {"leaves": len(jax.tree.leaves(equal)),
                        "equal": sum(jax.tree.leaves(equal)),
                        "laid_out": sum(jax.tree.leaves(layouts)),
-                       "split": sum(1 for x in jax.tree.leaves(restored.params)
-                                    if x.sharding.spec != jax.sharding.PartitionSpec())}
+                       "split": split(restored.params)}
     print(json.dumps(results))
 """)
 
