@@ -66,8 +66,8 @@ def test_processes_get_disjoint_parts_covering_each_epoch(dataset):
   single = _ids_of(_batches(dataset, 4, global_batch_size=4), ids)
   assert sorted(single[:8]) == sorted(single[8:]) == list(range(8))
   assert single[:8] != single[8:]  # reshuffled each epoch
-  # The global stream interleaves the processes' parts in process order.
-  merged = [per_process[i % 2][i // 2] for i in range(16)]
+  # Each global batch of 4 is process 0's 2 rows, then process 1's.
+  merged = [i for step in range(4) for part in per_process for i in part[2 * step:2 * step + 2]]
   assert merged == single
 
 

@@ -32,7 +32,10 @@ def sobel(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   gx = [[-1,0,1],[-2,0,2],[-1,0,1]] and gy = [[-1,-2,-1],[0,0,0],[1,2,1]] cross-correlations.
   """
-  p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  # Edge padding by concatenation: the gradient of jnp.pad(mode="edge") makes XLA's SPMD
+  # partitioner send a frame between devices when the batch axis is sharded.
+  p = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
+  p = jnp.concatenate([p[:, :, :1], p, p[:, :, -1:]], axis=2)
   h, w = x.shape[1], x.shape[2]
 
   def at(i, j):
@@ -73,10 +76,11 @@ def ssim_loss(reference: jax.Array, image: jax.Array, window_size: int = 13,
   c1 = (0.01 * dynamic_range) ** 2
   c2 = (0.03 * dynamic_range) ** 2
   taps = gaussian_window(window_size, sigma)
-  n = reference.shape[0]
+  # The five statistics are stacked on the channel axis: the batch axis stays as sharded.
+  c = reference.shape[-1]
   stats = _filter_valid(jnp.concatenate(
-      [reference, image, reference * reference, image * image, reference * image]), taps)
-  mu1, mu2, e11, e22, e12 = (stats[i * n:(i + 1) * n] for i in range(5))
+      [reference, image, reference * reference, image * image, reference * image], axis=-1), taps)
+  mu1, mu2, e11, e22, e12 = (stats[..., i * c:(i + 1) * c] for i in range(5))
   mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
   var1, var2, cov = e11 - mu1_sq, e22 - mu2_sq, e12 - mu12
   ssim_map = ((2 * mu12 + c1) * (2 * cov + c2)) / ((mu1_sq + mu2_sq + c1) * (var1 + var2 + c2))

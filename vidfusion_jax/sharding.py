@@ -100,3 +100,75 @@ def state_shardings(tree: PyTree, mesh: Mesh, config) -> PyTree:
 def batch_shard_count(mesh: Mesh, batch_axes: Sequence[str]) -> int:
   """How many ways the batch dimension is split."""
   return math.prod(mesh.shape[a] for a in batch_axes)
+
+
+# ------------------------------------------------------------------------- communication volume
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$")
+_ARRAY_TYPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _type_bytes(hlo_type: str) -> int:
+  """Bytes of an HLO type such as `f32[4,8]{1,0}` or a tuple `(f32[4], bf16[2,2])`."""
+  total = 0
+  for dtype, dims in _ARRAY_TYPE.findall(hlo_type):
+    if dtype in ("token", "pred"):
+      itemsize = 1
+    else:
+      itemsize = max(1, int(re.sub(r"[a-z]", "", dtype) or 8) // 8)
+    total += math.prod(int(d) for d in dims.split(",") if d) * itemsize
+  return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of each kind of collective in an optimized HLO module (`compiled.as_text()`).
+
+  Each collective counts the size of its full, unsharded side: an all-gather its result, every
+  other kind its operands (an all-reduce's buffer, a reduce-scatter's input, what an all-to-all
+  or collective-permute sends). Asynchronous pairs count once, at their `-start`.
+  """
+  types: dict[str, str] = {}
+  totals = dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, result_type, opcode, rest = match.groups()
+    types[name] = result_type
+    kind = opcode.removesuffix("-start")
+    if kind not in COLLECTIVES:
+      continue
+    operands = re.findall(r"%([^\s,()]+)", rest.split(")", 1)[0])
+    operand_bytes = sum(_type_bytes(types[o]) for o in operands)
+    if kind == "all-gather":
+      # An all-gather-start returns the tuple (operands, results).
+      gathered = _type_bytes(result_type)
+      totals[kind] += gathered - operand_bytes if opcode.endswith("-start") else gathered
+    else:
+      totals[kind] += operand_bytes
+  return totals
+
+
+def minimum_collective_bytes(params: PyTree, batch_axes: Sequence[str]) -> dict[str, int]:
+  """The collectives a data-parallel / FSDP train step cannot avoid, counted like
+  `collective_bytes`, for `params` given as arrays or ShapeDtypeStructs carrying shardings.
+
+  A replicated parameter's gradient is all-reduced over the batch axes. A parameter split k ways
+  is all-gathered for the forward pass and its gradient reduce-scattered; when the batch is also
+  split over axes the parameter is not, the 1/k gradient shard is then all-reduced over them.
+  """
+  totals = dict.fromkeys(COLLECTIVES, 0)
+  for leaf in jax.tree.leaves(params):
+    mesh, spec = leaf.sharding.mesh, leaf.sharding.spec
+    param_axes = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str)
+                                                         else entry)}
+    reduce_ways = math.prod(mesh.shape[a] for a in batch_axes if a not in param_axes)
+    size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    shards = math.prod(mesh.shape[a] for a in param_axes)
+    if shards > 1:
+      totals["all-gather"] += size
+      totals["reduce-scatter"] += size
+    if reduce_ways > 1:
+      totals["all-reduce"] += size // shards
+  return totals

@@ -224,22 +224,29 @@ def _synthetic_batch(seed: int, step: int, rows: slice, config: ml_collections.C
 
 
 def process_rows(batch_sharding: jax.sharding.NamedSharding, global_batch_size: int) -> slice:
-  """The contiguous rows of the global batch that this process's devices hold."""
+  """The rows of the global batch that this process's devices hold.
+
+  Every input source serves one contiguous block of batch_size / process_count rows per process;
+  a layout where a process holds scattered rows, or rows another process holds too, is refused.
+  """
   index_map = batch_sharding.addressable_devices_indices_map((global_batch_size,))
-  starts = [idx[0].start or 0 for idx in index_map.values()]
-  stops = [global_batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-  rows = slice(min(starts), max(stops))
-  if rows.stop - rows.start != global_batch_size // jax.process_count():
-    raise ValueError("this process's batch rows are not contiguous; order the mesh devices by "
-                     "process (jax.make_mesh does)")
-  return rows
+  held = sorted({row for idx in index_map.values() for row in range(global_batch_size)[idx[0]]})
+  expected = global_batch_size // jax.process_count()
+  if len(held) != expected or held[-1] - held[0] + 1 != len(held):
+    raise ValueError(
+        f"process {jax.process_index()} of {jax.process_count()} holds batch rows {held} of "
+        f"{global_batch_size} under mesh {dict(batch_sharding.mesh.shape)} with the batch split "
+        f"over {batch_sharding.spec[0]}; the input pipeline serves only one contiguous block of "
+        f"{expected} rows per process: split the batch over mesh axes that span every process "
+        "(sharding.batch_axes) and order the mesh devices by process (jax.make_mesh does)")
+  return slice(held[0], held[-1] + 1)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict,
                         batch_sharding: jax.sharding.NamedSharding) -> grain.DatasetIterator:
   """This process's batches (a checkpointable Grain iterator) of `config.data.source`."""
+  rows = process_rows(batch_sharding, config.batch_size)
   if config.data.source == "synthetic":
-    rows = process_rows(batch_sharding, config.batch_size)
     dataset = grain.MapDataset.range(sys.maxsize).map(
         functools.partial(_synthetic_batch, config.seed, rows=rows, config=config))
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
@@ -251,8 +258,9 @@ def make_train_iterator(config: ml_collections.ConfigDict,
     return data.make_train_iterator(
         config.data.path, config.data.train_split, global_batch_size=config.batch_size,
         clip_length=config.data.clip_length, crop_size=config.data.crop_size, seed=config.seed,
-        worker_count=config.data.worker_count, flip=config.data.flip,
-        rotate=config.data.rotate, degrade=config.data.degrade)
+        process_index=rows.start // (rows.stop - rows.start), process_count=jax.process_count(),
+        worker_count=config.data.worker_count, flip=config.data.flip, rotate=config.data.rotate,
+        degrade=config.data.degrade)
   raise ValueError(f"config.data.source must be 'tfrecord' or 'synthetic'; "
                    f"got {config.data.source!r}")
 

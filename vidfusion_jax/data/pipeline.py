@@ -3,15 +3,15 @@
 Training order (the order of the Flax and MaxText Grain pipelines):
 
     ClipRecordSource -> shuffle(seed) -> random_map(ClipTransform) -> repeat(num_epochs)
-      -> [process_index::process_count] -> to_iter_dataset(ReadOptions) -> mp_prefetch(workers)
-      -> batch(global_batch_size // process_count)
+      -> batch(global_batch_size // process_count) -> [process_index::process_count]
+      -> to_iter_dataset(ReadOptions) -> mp_prefetch(workers)
 
 The shuffle is global and different in every epoch. The random transform is seeded by the
-pipeline seed and the element's position in the shuffled stream, before the per-process slice, so
-an element's crop and degradation do not depend on the number of processes or workers. Batching
-after `mp_prefetch` makes the batches independent of `worker_count` too. Process p of n takes
-elements p, p + n, ... of the global stream, so at every step the n hosts together hold global
-elements [step * B, (step + 1) * B) and each epoch is covered exactly once.
+pipeline seed and the element's position in the shuffled stream, before batching and the
+per-process slice, so an element's crop and degradation do not depend on the number of processes
+or workers, and a batch is the same whichever worker builds it. Global batch s is elements
+[s * B, (s + 1) * B) of the stream, and process p of n holds its rows [p * B / n, (p + 1) * B / n):
+the global batch is the same array for any process layout, and each epoch is covered exactly once.
 """
 
 from __future__ import annotations
@@ -138,17 +138,17 @@ def make_train_dataset(data_dir: str | os.PathLike, split: str = "train", *,
   if len(ds) == 0:
     raise ValueError(f"split {split!r} of {data_dir} has no records")
   ds = ds.shuffle(seed=seed).random_map(transform, seed=seed).repeat(num_epochs)
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   ds = ds[process_index::process_count]
-  buffer = max(2 * global_batch_size // process_count, 1)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=buffer))
+                                                 prefetch_buffer_size=max(2, read_threads)))
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's workers read absl flags; outside an absl program they keep their defaults.
       flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
-  return iter_ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return iter_ds
 
 
 def make_train_iterator(data_dir: str | os.PathLike, split: str = "train", **kwargs: Any
