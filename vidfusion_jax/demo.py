@@ -8,15 +8,16 @@ walk-through of the tools (docs/*.md describe each one). Everything is written u
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import shlex
 import subprocess
 import sys
 import time
 
+from absl import flags
 import numpy as np
 
+from vidfusion_jax import cli
 from vidfusion_jax import frames
 from vidfusion_jax.data import synthetic
 
@@ -39,13 +40,16 @@ def write_clip(folder: pathlib.Path, num_frames: int, height: int, width: int, s
       frames.write_png(folder / name / f"{t:04d}.png", frame)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m vidfusion_jax.demo`."""
+  flags.DEFINE_string("workdir", "demo_out", "folder for every output", flag_values=fv)
+  flags.DEFINE_integer("steps", 300, "training steps (tiny config)", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("frames", 24, "length of the clip to fuse", lower_bound=1, flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="demo_out", help="folder for every output")
-  parser.add_argument("--steps", type=int, default=300, help="training steps (tiny config)")
-  parser.add_argument("--frames", type=int, default=24, help="length of the clip to fuse")
-  args = parser.parse_args(argv)
+  args = cli.parse(argv, define_flags, prog="python -m vidfusion_jax.demo", usage=__doc__)
   config = REPO_ROOT / "configs" / "videofusion.py"
   if not config.exists():
     sys.exit(f"error: {config} not found: run the demo from a clone of the repository "

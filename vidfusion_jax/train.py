@@ -31,6 +31,8 @@ import optax
 import tqdm
 
 from vidfusion_jax import checkpointing
+from vidfusion_jax import cli
+from vidfusion_jax import compilation_cache
 from vidfusion_jax import data
 from vidfusion_jax import files
 from vidfusion_jax import frames
@@ -509,6 +511,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
+compilation_cache.define_flags(flags.FLAGS)
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
@@ -528,6 +531,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.get_absl_handler().addFilter(_without_library_info)
+  compilation_cache.configure(flags.FLAGS.compilation_cache, flags.FLAGS.compilation_cache_dir)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
@@ -542,4 +546,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.app_flags_parser(__doc__))
