@@ -137,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
                                              desc="fusing"))
     try:
       for ir, vis, fused in stream:
-        image = inference.to_uint8(fused, settings.stretch)
+        image = frame_io.to_uint8(fused, stretch=settings.stretch)
         frame_io.write_png(output / frame_name(written), image)
         if videos[0]:
           videos[0].write(image)
         if videos[1]:
           videos[1].write(np.concatenate(
-              [inference.to_uint8(ir), inference.to_uint8(vis), image], axis=1))
+              [frame_io.to_uint8(ir), frame_io.to_uint8(vis), image], axis=1))
         written += 1
         progress.update()
     except (ValueError, OSError) as error:

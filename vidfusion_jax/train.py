@@ -285,10 +285,6 @@ def ssim_uint8(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.mean(values))
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.round(np.asarray(x, np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
 def _centre_crop(clip: np.ndarray, size: int) -> np.ndarray:
   if not size:
     return clip
@@ -321,7 +317,7 @@ def evaluate(trainer: Trainer, params: PyTree) -> tuple[dict[str, float], np.nda
               for k, v in streams.items()}
       inputs = objectives.to_float({k: clip[k][None] for k in ("lq_ir", "lq_vis")})
       outputs = jax.device_get(trainer.apply(params, inputs["lq_ir"], inputs["lq_vis"]))
-      outputs = {k: _to_uint8(v[0]) for k, v in outputs.items()}
+      outputs = {k: frames.to_uint8(v[0]) for k, v in outputs.items()}
       frame_scores = _frame_scores(outputs, clip, fusion_metric_names)
       for name, values in frame_scores.items():
         per_clip.setdefault(name, []).append(float(np.mean(values)))
