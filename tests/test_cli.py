@@ -103,8 +103,6 @@ def test_current_spelling_rules():
                                 "--unknown-flag=1", "-x", "--", "--max-frames"], fv) == [
                                     "--max_frames", "3", "--nostretch", "--stretch",
                                     "--nostretch", "--unknown-flag=1", "-x", "--", "--max-frames"]
-  assert cli.current_spellings(["--old=2"], fv, renamed={"old": "max_frames"}) == [
-      "--max_frames=2"]
   overrides = ["--config.data.path=/data/x-y", "--config.optimizer.learning_rate=-1"]
   assert cli.current_spellings(overrides, fv) == overrides  # ml_collections overrides pass.
 

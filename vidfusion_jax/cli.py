@@ -5,8 +5,7 @@ process, e.g. a test session, do not collide) and parses them with `parse`; `vid
 keeps absl's global flags and `app.run` and parses them with `app_flags_parser`. Both
 - print the command's usage and flags on stdout and exit with status 0 for `--help` (or `-h`);
 - accept the spellings of the previous release for one more release, with a warning on stderr:
-  `--max-frames` for `--max_frames`, `--no-stretch` for `--nostretch`, and any name in the
-  command's `renamed` mapping;
+  `--max-frames` for `--max_frames`, `--no-stretch` for `--nostretch`;
 - report a bad command line on stderr, with a pointer to `--help`, and exit with status 2.
 """
 
@@ -14,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from absl import flags
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 USAGE_ERROR_STATUS = 2
-
-
 OWN_MODULES = ("vidfusion_jax", "data_prep", "benchmarks", "__main__")
 
 
@@ -40,15 +37,14 @@ def _is_boolean(flag_values: flags.FlagValues, name: str) -> bool:
   return name in flag_values and flag_values[name].boolean
 
 
-def current_spelling(arg: str, flag_values: flags.FlagValues,
-                     renamed: Mapping[str, str] | None = None) -> str:
+def current_spelling(arg: str, flag_values: flags.FlagValues) -> str:
   """`arg` in this release's spelling: `--old-name=v` -> `--old_name=v`, `--no-x` -> `--nox`."""
   if not arg.startswith("--") or arg == "--":
     return arg
   name, sep, value = arg[2:].partition("=")
   if name in flag_values or (name.startswith("no") and _is_boolean(flag_values, name[2:])):
     return arg
-  new = (renamed or {}).get(name, name.replace("-", "_"))
+  new = name.replace("-", "_")
   if new.startswith("no_") and _is_boolean(flag_values, new[3:]):
     new = "no" + new[3:]
   if new not in flag_values and not (new.startswith("no") and _is_boolean(flag_values, new[2:])):
@@ -58,13 +54,12 @@ def current_spelling(arg: str, flag_values: flags.FlagValues,
   return f"--{new}{sep}{value}"
 
 
-def current_spellings(argv: Sequence[str], flag_values: flags.FlagValues,
-                      renamed: Mapping[str, str] | None = None) -> list[str]:
+def current_spellings(argv: Sequence[str], flag_values: flags.FlagValues) -> list[str]:
   """`argv` (without the program name) with old flag spellings replaced; stops at `--`."""
   if "--" in argv:
     end = list(argv).index("--")
-    return [current_spelling(a, flag_values, renamed) for a in argv[:end]] + list(argv[end:])
-  return [current_spelling(a, flag_values, renamed) for a in argv]
+    return [current_spelling(a, flag_values) for a in argv[:end]] + list(argv[end:])
+  return [current_spelling(a, flag_values) for a in argv]
 
 
 def usage_error(prog: str, message: str) -> None:
@@ -74,8 +69,7 @@ def usage_error(prog: str, message: str) -> None:
 
 
 def parse(argv: Sequence[str] | None, define_flags: Callable[[flags.FlagValues], None], *,
-          prog: str, usage: str, renamed: Mapping[str, str] | None = None
-          ) -> argparse.Namespace:
+          prog: str, usage: str) -> argparse.Namespace:
   """Flags of a command defined by `define_flags`, parsed from `argv` (default: sys.argv[1:]).
 
   Returns their values as a namespace (`args.max_frames`, ...). Positional arguments are refused.
@@ -87,7 +81,7 @@ def parse(argv: Sequence[str] | None, define_flags: Callable[[flags.FlagValues],
     print(help_text(flag_values, usage), end="")
     sys.exit(0)
   try:
-    rest = flag_values([prog, *current_spellings(argv, flag_values, renamed)])
+    rest = flag_values([prog, *current_spellings(argv, flag_values)])
   except flags.Error as error:
     usage_error(prog, str(error))
   if len(rest) > 1:
@@ -95,8 +89,7 @@ def parse(argv: Sequence[str] | None, define_flags: Callable[[flags.FlagValues],
   return argparse.Namespace(**flag_values.flag_values_dict())
 
 
-def app_flags_parser(usage: str, renamed: Mapping[str, str] | None = None
-                     ) -> Callable[[list[str]], list[str]]:
+def app_flags_parser(usage: str) -> Callable[[list[str]], list[str]]:
   """`flags_parser` for `absl.app.run` with absl's global flags, following the convention above."""
 
   def parse_global_flags(argv: list[str]) -> list[str]:
@@ -104,7 +97,7 @@ def app_flags_parser(usage: str, renamed: Mapping[str, str] | None = None
       print(help_text(flags.FLAGS, usage), end="")
       sys.exit(0)
     try:
-      return flags.FLAGS([argv[0], *current_spellings(argv[1:], flags.FLAGS, renamed)])
+      return flags.FLAGS([argv[0], *current_spellings(argv[1:], flags.FLAGS)])
     except flags.Error as error:
       usage_error(argv[0], str(error))
 
