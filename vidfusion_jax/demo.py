@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
   start = time.time()
 
   data_dir, clip = workdir / "data", workdir / "clip"
-  run("data_prep", "synthetic", f"--output={data_dir}", "--split=train", "--num-sequences=4",
-      "--num-frames=16", "--height=64", "--width=64", "--clip-length=8", "--no-progress")
-  run("data_prep", "synthetic", f"--output={data_dir}", "--split=val", "--num-sequences=1",
-      "--num-frames=16", "--height=64", "--width=64", "--clip-length=8", "--seed=1",
-      "--no-progress")
+  run("data_prep", "synthetic", f"--output={data_dir}", "--split=train", "--num_sequences=4",
+      "--num_frames=16", "--height=64", "--width=64", "--clip_length=8", "--noprogress")
+  run("data_prep", "synthetic", f"--output={data_dir}", "--split=val", "--num_sequences=1",
+      "--num_frames=16", "--height=64", "--width=64", "--clip_length=8", "--seed=1",
+      "--noprogress")
   run("vidfusion_jax.train", f"--config={config}:tiny", f"--workdir={workdir / 'train'}",
       f"--config.data.path={data_dir}", f"--config.total_steps={args.steps}",
       f"--config.optimizer.cosine_period={args.steps}", "--config.eval_every_steps=100",
