@@ -32,6 +32,8 @@ COMMANDS = {
                  ["--ir", "--vis", "--fused", "--output", "--max_frames", "--batch_size",
                   "--ssim_data_range", "--[no]compilation_cache", "--compilation_cache_dir"]),
     "demo": (["-m", "vidfusion_jax.demo"], ["--workdir", "--steps", "--frames"]),
+    "benchmarks/data_prep.py": (["benchmarks/data_prep.py"],
+                                ["--data_root", "--work_dir", "--repeats", "--[no]quick"]),
     "benchmarks/inference.py": (["benchmarks/inference.py"],
                                 ["--[no]quick", "--windows_per_call", "--dtype", "--backends"]),
     "benchmarks/input_pipeline.py": (["benchmarks/input_pipeline.py"],
@@ -64,7 +66,7 @@ def help_outputs():
   return outputs
 
 
-@pytest.mark.slow  # Ten processes that import jax (and Orbax, Grain, ...): 15-90 s on 2 cores.
+@pytest.mark.slow  # Eleven processes that import jax (and Orbax, Grain, ...): 15-90 s on 2 cores.
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_help_lists_the_flags_and_exits_0(help_outputs, name):
   status, stdout, stderr = help_outputs[name]
