@@ -36,6 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep import sources  # pylint: disable=wrong-import-position
+from vidfusion_jax import cli  # pylint: disable=wrong-import-position
 from vidfusion_jax import frames as frames_lib  # pylint: disable=wrong-import-position
 from vidfusion_jax.data import records  # pylint: disable=wrong-import-position
 from vidfusion_jax.data import tfrecord  # pylint: disable=wrong-import-position
@@ -164,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.app_flags_parser(__doc__))

@@ -10,16 +10,17 @@ config's shapes), frames are synthetic and already in memory, so the number cove
 windowing, host<->device transfer, the network and blending, but not PNG decoding/encoding.
 """
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 
+from absl import flags
 import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from vidfusion_jax import cli  # pylint: disable=wrong-import-position
 from vidfusion_jax import host_memory  # pylint: disable=wrong-import-position
 from vidfusion_jax import inference  # pylint: disable=wrong-import-position
 
@@ -48,26 +49,28 @@ def _run(fuser, clip):
   return count, time.perf_counter() - start
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_bool("quick", False, "tiny model and frames", flag_values=fv)
+  flags.DEFINE_list("windows_per_call", ["1", "2"], "windows per device call to measure",
+                    flag_values=fv)
+  flags.DEFINE_integer("overlap", 0, "window overlap (official: 0)", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", flag_values=fv)
+  flags.DEFINE_integer("frames", None, "frames per timed run", lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("backends", None, "JAX backends to measure, e.g. cpu,gpu (default: the "
+                    "default backend)", flag_values=fv)
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="tiny model and frames")
-  parser.add_argument("--windows_per_call", default="1,2",
-                      help="comma-separated windows per device call to measure")
-  parser.add_argument("--overlap", type=int, default=0, help="window overlap (official: 0)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--frames", type=int, default=None, help="frames per timed run")
-  parser.add_argument("--backends", default=None,
-                      help="comma-separated JAX backends to measure, e.g. cpu,gpu (default: the "
-                      "default backend)")
-  args = parser.parse_args()
+  args = cli.parse(None, define_flags, prog="python benchmarks/inference.py", usage=__doc__)
   host_memory.return_large_blocks_to_os()  # as `python -m vidfusion_jax.fuse` does
   setup = QUICK if args.quick else OFFICIAL
   num_frames = args.frames or setup["frames"]
   rng = np.random.default_rng(1)
   clip = rng.integers(0, 256, (2, num_frames, setup["height"], setup["width"], 3), np.uint8)
-  for backend in (args.backends or jax.default_backend()).split(","):
+  for backend in args.backends or [jax.default_backend()]:
     with jax.default_device(jax.devices(backend)[0]):
-      for per_call in [int(n) for n in args.windows_per_call.split(",")]:
+      for per_call in [int(n) for n in args.windows_per_call]:
         fuser = _fuser(setup, args.dtype, args.overlap, per_call)
         _, warmup_s = _run(fuser, clip[:, :setup["window"] * per_call])
         count, seconds = _run(fuser, clip)

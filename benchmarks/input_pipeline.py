@@ -1,8 +1,8 @@
 """Training clips per second: TFRecord clips (PNG and raw) against reading PNG frame folders.
 
-    python benchmarks/input_pipeline.py --data-root ../shared/data/m3svd_mini --seconds 20
+    python benchmarks/input_pipeline.py --data_root=../shared/data/m3svd_mini --seconds=20
 
-Converts the M3SVD-layout root twice (PNG and raw records, into --work-dir, resumable), then for
+Converts the M3SVD-layout root twice (PNG and raw records, into --work_dir, resumable), then for
 each reader and each worker count runs the training pipeline (T frames, square crops, batches)
 for --seconds after one warm-up batch. The folder reader does what the official PyTorch loader
 does per clip: decode T full PNG frames of each of the four streams, then crop; it runs in the
@@ -12,7 +12,6 @@ Prints one JSON line per run, and one per encoding with the bytes on disk per fr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from data_prep import sources  # pylint: disable=wrong-import-position
+from vidfusion_jax import cli  # pylint: disable=wrong-import-position
 from vidfusion_jax import frames as frames_lib  # pylint: disable=wrong-import-position
 from vidfusion_jax import data  # pylint: disable=wrong-import-position
 from vidfusion_jax.data import writer  # pylint: disable=wrong-import-position
@@ -76,31 +76,31 @@ def measure(dataset: grain.IterDataset, batch_size: int, seconds: float) -> dict
           "seconds": round(elapsed, 2)}
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("data_root", str(pathlib.Path(__file__).resolve().parents[2] / "shared" /
+                                       "data" / "m3svd_mini"),
+                      "M3SVD-layout root (default: ../shared/data/m3svd_mini)", flag_values=fv)
+  flags.DEFINE_string("work_dir", None, "where the converted records go (default: a temporary "
+                      "folder)", flag_values=fv)
+  flags.DEFINE_integer("record_clip_length", 12, "frames per record K", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("clip_length", 6, "T", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("crop_size", 128, "crop side in pixels", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("batch_size", 12, "clips per batch", lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("workers", ["0", "1", "2"], "worker counts", flag_values=fv)
+  flags.DEFINE_integer("read_threads", 2, "Grain read threads per process", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_float("seconds", 20.0, "measured time per run", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_list("readers", ["folder", "png", "raw"], "subset of folder,png,raw",
+                    flag_values=fv)
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-root", type=pathlib.Path, default=pathlib.Path(
-      __file__).resolve().parents[2] / "shared" / "data" / "m3svd_mini",
-                      help="M3SVD-layout root (default: ../shared/data/m3svd_mini)")
-  parser.add_argument("--work-dir", type=pathlib.Path, default=None,
-                      help="where the converted records go (default: a temporary folder)")
-  parser.add_argument("--record-clip-length", type=int, default=12,
-                      help="frames per record K (default: %(default)s)")
-  parser.add_argument("--clip-length", type=int, default=6, help="T (default: %(default)s)")
-  parser.add_argument("--crop-size", type=int, default=128, help="(default: %(default)s)")
-  parser.add_argument("--batch-size", type=int, default=12, help="(default: %(default)s)")
-  parser.add_argument("--workers", default="0,1,2",
-                      help="comma-separated worker counts (default: %(default)s)")
-  parser.add_argument("--read-threads", type=int, default=2,
-                      help="Grain read threads per process (default: %(default)s)")
-  parser.add_argument("--seconds", type=float, default=20.0,
-                      help="measured time per run (default: %(default)s)")
-  parser.add_argument("--readers", default="folder,png,raw",
-                      help="comma-separated subset of folder,png,raw (default: %(default)s)")
-  args = parser.parse_args()
+  args = cli.parse(None, define_flags, prog="python benchmarks/input_pipeline.py", usage=__doc__)
   flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags (defaults here)
 
-  work_dir = args.work_dir or pathlib.Path(tempfile.mkdtemp(prefix="input_pipeline_"))
-  sequences = sources.m3svd_sequences(args.data_root, sources.M3SVD_FOLDERS)
+  work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="input_pipeline_"))
+  sequences = sources.m3svd_sequences(pathlib.Path(args.data_root), sources.M3SVD_FOLDERS)
   record_dirs = {}
   for encoding in ("png", "raw"):
     record_dirs[encoding] = work_dir / encoding
@@ -119,8 +119,8 @@ def main() -> None:
 
   common = {"batch_size": args.batch_size, "clip_length": args.clip_length,
             "crop_size": args.crop_size, "record_clip_length": args.record_clip_length}
-  for workers in (int(w) for w in args.workers.split(",")):
-    for reader in args.readers.split(","):
+  for workers in (int(w) for w in args.workers):
+    for reader in args.readers:
       if reader == "folder":
         dataset = folder_dataset(sequences, args, workers)
       else:

@@ -11,14 +11,15 @@ metrics on a 2-core CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 
+from absl import flags
 import jax
 import numpy as np
 
+from vidfusion_jax import cli
 from vidfusion_jax import metrics
 
 
@@ -59,13 +60,15 @@ def bench(shape: tuple[int, ...], iters: int, mode: str) -> dict:
           "peak_memory_bytes": _peak_memory_bytes(device), "iters": iters}
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer("height", 480, "frame height", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("width", 640, "frame width", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("batch", 8, "frames per batched call", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("iters", 5, "timed calls per mode", lower_bound=1, flag_values=fv)
+
+
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--height", type=int, default=480, help="frame height (default: 480)")
-  parser.add_argument("--width", type=int, default=640, help="frame width (default: 640)")
-  parser.add_argument("--batch", type=int, default=8, help="frames per batched call (default: 8)")
-  parser.add_argument("--iters", type=int, default=5, help="timed calls per mode (default: 5)")
-  args = parser.parse_args()
+  args = cli.parse(None, define_flags, prog="python benchmarks/metrics.py", usage=__doc__)
   with jax.default_matmul_precision("float32"):
     for mode, shape in (("per_frame", (args.height, args.width)),
                         ("batched", (args.batch, args.height, args.width))):

@@ -22,10 +22,12 @@ import resource
 import statistics
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax import cli
 from vidfusion_jax import host_memory
 from vidfusion_jax import losses
 from vidfusion_jax.models import from_reference_config
@@ -49,38 +51,43 @@ QUICK_SHAPE = (1, 3, 32, 32)
 def parse_shape(text: str) -> tuple[int, int, int, int]:
   shape = tuple(int(s) for s in text.split(","))
   if len(shape) != 4:
-    raise argparse.ArgumentTypeError(f"expected batch,time,height,width; got {text!r}")
+    raise ValueError(f"expected batch,time,height,width; got {text!r}")
   return shape
 
 
-def parse_args() -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", choices=sorted(MODELS), default="videofusion",
-                      help="network to measure (default videofusion)")
-  parser.add_argument("--cases", default="inference,train",
-                      help="comma-separated subset of inference,train (default: both)")
-  parser.add_argument("--inference_shape", type=parse_shape, default=(1, 7, 480, 640),
-                      help="batch,time,height,width of the inference case (default 1,7,480,640)")
-  parser.add_argument("--train_shape", type=parse_shape, default=(3, 6, 128, 128),
-                      help="batch,time,height,width of the training case (default 3,6,128,128)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="compute dtype; params stay float32 (default float32)")
-  parser.add_argument("--remat", action="store_true",
-                      help="rematerialise the heavy blocks in the backward pass (train case)")
-  parser.add_argument("--schedule", choices=schedule_lib.SCHEDULES, default=schedule_lib.AUTO,
-                      help="model.schedule (default auto: cpu_memory on CPU, plain elsewhere)")
-  parser.add_argument("--remat_policy", choices=sorted(schedule_lib.REMAT_POLICIES),
-                      default="full", help="jax.checkpoint policy of --remat (plain schedule)")
-  parser.add_argument("--steps", type=int, default=3,
-                      help="timed steady-state steps after one warm-up step (default 3)")
-  parser.add_argument("--quick", action="store_true",
-                      help=f"smoke test: both shapes become {','.join(map(str, QUICK_SHAPE))}, "
-                           "one timed step")
-  args = parser.parse_args()
-  args.cases = [c for c in args.cases.split(",") if c]
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum("model", "videofusion", sorted(MODELS), "network to measure", flag_values=fv)
+  flags.DEFINE_list("cases", ["inference", "train"], "subset of inference,train to measure",
+                    flag_values=fv)
+  flags.DEFINE_string("inference_shape", "1,7,480,640",
+                      "batch,time,height,width of the inference case", flag_values=fv)
+  flags.DEFINE_string("train_shape", "3,6,128,128", "batch,time,height,width of the training case",
+                      flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "compute dtype; params stay float32", flag_values=fv)
+  flags.DEFINE_bool("remat", False, "rematerialise the heavy blocks in the backward pass (train "
+                    "case)", flag_values=fv)
+  flags.DEFINE_enum("schedule", schedule_lib.AUTO, list(schedule_lib.SCHEDULES),
+                    "model.schedule (auto: cpu_memory on CPU, plain elsewhere)", flag_values=fv)
+  flags.DEFINE_enum("remat_policy", "full", sorted(schedule_lib.REMAT_POLICIES),
+                    "jax.checkpoint policy of --remat (plain schedule)", flag_values=fv)
+  flags.DEFINE_integer("steps", 3, "timed steady-state steps after one warm-up step",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("quick", False, f"smoke test: both shapes become "
+                    f"{','.join(map(str, QUICK_SHAPE))}, one timed step", flag_values=fv)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  prog = "python benchmarks/model_forward.py"
+  args = cli.parse(argv, define_flags, prog=prog, usage=__doc__)
   unknown = set(args.cases) - {"inference", "train"}
   if unknown:
-    parser.error(f"unknown cases {sorted(unknown)}; choose from inference,train")
+    cli.usage_error(prog, f"unknown cases {sorted(unknown)}; choose from inference,train")
+  try:
+    args.inference_shape = parse_shape(args.inference_shape)
+    args.train_shape = parse_shape(args.train_shape)
+  except ValueError as error:
+    cli.usage_error(prog, f"--inference_shape/--train_shape: {error}")
   if args.quick:
     args.inference_shape = args.train_shape = QUICK_SHAPE
     args.steps = 1

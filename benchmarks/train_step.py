@@ -13,20 +13,22 @@ TemCoCo's step includes its distillation teachers (VGG19 features[:12] and a DIN
 one-block ViT of the same width with --quick) with random weights.
 """
 
-import argparse
 import importlib.util
 import itertools
 import json
 import pathlib
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 
 from model_forward import stablehlo_op_count
+from vidfusion_jax import cli
 from vidfusion_jax import data
 from vidfusion_jax import sharding
 from vidfusion_jax import train
+from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models import teachers as teacher_models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -104,28 +106,28 @@ def measure(config, steps: int, teachers=None) -> dict:
   }
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum("model", "videofusion", ["videofusion", "temcoco"],
+                    "network and recipe (configs/<model>.py) to measure", flag_values=fv)
+  flags.DEFINE_bool("quick", False, "tiny model and clips", flag_values=fv)
+  flags.DEFINE_integer("steps", None, "timed steps after one warm-up step (default 10, --quick 2)",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("per_device_batch", 3, "clips per device", lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("remat", ["false", "true"], "rematerialisation settings to measure",
+                    flag_values=fv)
+  flags.DEFINE_list("dtype", ["float32", "bfloat16"], "compute dtypes to measure",
+                    flag_values=fv)
+  flags.DEFINE_enum("schedule", schedule_lib.AUTO, list(schedule_lib.SCHEDULES),
+                    "model.schedule (auto: cpu_memory on CPU, plain elsewhere)", flag_values=fv)
+  flags.DEFINE_enum("remat_policy", "full", sorted(schedule_lib.REMAT_POLICIES),
+                    "jax.checkpoint policy of --remat (plain schedule)", flag_values=fv)
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", choices=("videofusion", "temcoco"), default="videofusion",
-                      help="network and recipe (configs/<model>.py) to measure")
-  parser.add_argument("--quick", action="store_true", help="tiny model and clips")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps after one warm-up step (default 10, --quick 2)")
-  parser.add_argument("--per_device_batch", type=int, default=3, help="clips per device")
-  parser.add_argument("--remat", default="false,true",
-                      help="comma-separated rematerialisation settings to measure")
-  parser.add_argument("--dtype", default="float32,bfloat16",
-                      help="comma-separated compute dtypes to measure")
-  parser.add_argument("--schedule", default="auto",
-                      help="model.schedule: auto (cpu_memory on CPU, plain elsewhere), "
-                           "cpu_memory or plain")
-  parser.add_argument("--remat_policy", default="full",
-                      help="model.remat_policy: full, dots or dots_with_no_batch_dims")
-  args = parser.parse_args()
+  args = cli.parse(None, define_flags, prog="python benchmarks/train_step.py", usage=__doc__)
   steps = args.steps or (2 if args.quick else 10)
-  remats = [v.strip().lower() == "true" for v in args.remat.split(",")]
-  dtypes = [v.strip() for v in args.dtype.split(",")]
-  for remat, dtype in itertools.product(remats, dtypes):
+  remats = [v.strip().lower() == "true" for v in args.remat]
+  for remat, dtype in itertools.product(remats, args.dtype):
     config = _config(args.model, args.quick, args.per_device_batch, remat, dtype, args.schedule,
                      args.remat_policy)
     result = measure(config, steps, _random_teachers(config, args.quick))

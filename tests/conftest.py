@@ -26,6 +26,14 @@ def shared_file(relative: str) -> pathlib.Path:
   return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """Commands run in-process (`fuse.main`, `evaluate.main`) turn on the persistent compilation
+  cache (`vidfusion_jax.compilation_cache`): keep it in the session's temporary folder."""
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+
+
 @pytest.fixture(scope="session")
 def shared():
   """`shared("golden/x.npz")` gives the path, or skips (fails in CI) when absent."""

@@ -32,7 +32,7 @@ def test_evaluate_writes_tables_plots_and_profiles(clip, tmp_path, capsys):
   code = evaluate.main([f"--ir={clip['ir_dir']}", f"--vis={clip['vis_dir']}",
                         f"--fused=mean={clip['tmp'] / 'mean'}", "--fused",
                         f"max={clip['tmp'] / 'max'}", f"--output={out}",
-                        f"--max-frames={FRAMES}"])
+                        f"--max_frames={FRAMES}"])
   assert code == 0
   assert "farneback" in capsys.readouterr().out
   summary = json.loads((out / "summary.json").read_text())
@@ -73,14 +73,14 @@ def test_evaluate_writes_tables_plots_and_profiles(clip, tmp_path, capsys):
 
 def test_evaluate_rejects_mismatched_inputs(clip, tmp_path, capsys):
   base = [f"--ir={clip['ir_dir']}", f"--vis={clip['vis_dir']}", f"--output={tmp_path / 'o'}"]
-  # 3 fused frames against 20 source frames: counts differ (and --max-frames 5 asks for more).
-  for extra in ([], ["--max-frames=5"]):
+  # 3 fused frames against 20 source frames: counts differ (and --max_frames 5 asks for more).
+  for extra in ([], ["--max_frames=5"]):
     assert evaluate.main(base + [f"--fused=mean={clip['tmp'] / 'mean'}", *extra]) == 2
     assert "frame counts differ" in capsys.readouterr().err
   small = tmp_path / "small"
   for i, frame in enumerate(clip["fused"]["mean"]):
     frames.write_png(small / f"{i:04d}.png", frame[:240, :320])
-  assert evaluate.main(base + [f"--fused=small={small}", "--max-frames=2"]) == 2
+  assert evaluate.main(base + [f"--fused=small={small}", "--max_frames=2"]) == 2
   assert "sizes differ" in capsys.readouterr().err
   assert evaluate.main(base + ["--fused=a b=/nowhere"]) == 2
   assert "NAME may hold only" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 
 from vidfusion_jax import checkpointing
 from vidfusion_jax import export
+from vidfusion_jax import frames
 from vidfusion_jax import inference
 from vidfusion_jax import weights
 
@@ -50,7 +51,7 @@ def golden_export(golden, tmp_path_factory):
   pytest.importorskip("torch", reason="the torch extra is needed to write/read .pth files")
   tmp = tmp_path_factory.mktemp("golden_export")
   weights.save_torch_checkpoint(tmp / "net_g.pth", golden["state_dict"])
-  export.main(["--from-torch", str(tmp / "net_g.pth"), "--model", "videofusion",
+  export.main(["--from_torch", str(tmp / "net_g.pth"), "--model", "videofusion",
                "--output", str(tmp / "out"), *PLATFORM])  # Config read off the tensor shapes.
   return tmp / "out"
 
@@ -99,7 +100,7 @@ def test_artifact_equals_apply_at_two_shapes(golden, golden_export, golden_apply
 
 def test_config_that_does_not_fit_the_checkpoint(golden_export, tmp_path):
   with pytest.raises(SystemExit, match="do not fit the model config .*pass the config"):
-    export.main(["--from-torch", str(golden_export.parent / "net_g.pth"), "--model",
+    export.main(["--from_torch", str(golden_export.parent / "net_g.pth"), "--model",
                  "videofusion", "--config", '{"num_features": 32}', "--output", str(tmp_path / "o"),
                  *PLATFORM])
   assert not (tmp_path / "o").exists()
@@ -149,8 +150,8 @@ def test_workdir_export_keeps_params_only(tmp_path):
 def test_export_errors(tmp_path, capsys):
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "x").write_text("")
-  with pytest.raises(SystemExit, match="--from-torch needs --model"):
-    export.main(["--from-torch", "x.pth", "--output", str(tmp_path / "o")])
+  with pytest.raises(SystemExit, match="--from_torch needs --model"):
+    export.main(["--from_torch", "x.pth", "--output", str(tmp_path / "o")])
   with pytest.raises(ValueError, match="exists and is not empty.*--overwrite"):
     export.export_model(tmp_path / "full", "videofusion", {}, {})
   with pytest.raises(SystemExit, match="is missing: is .* a training workdir"):
@@ -158,7 +159,7 @@ def test_export_errors(tmp_path, capsys):
   assert not (tmp_path / "o").exists()
   with pytest.raises(SystemExit):
     export.main(["--output", str(tmp_path / "o")])
-  assert "one of the arguments --workdir --from-torch" in capsys.readouterr().err
+  assert "Exactly one of (workdir, from_torch)" in capsys.readouterr().err
 
 
 def test_model_dir_errors(tmp_path):
@@ -212,5 +213,5 @@ def test_temcoco_export_pads_to_16_and_runs_at_two_shapes(tmp_path):
   expected = apply(params, *[np.pad(x, pad, mode="reflect")[None] / np.float32(255)
                              for x in (ir, vis)])[0, :, :10, :20]
   np.testing.assert_allclose(fused, np.asarray(expected), atol=1e-5)
-  np.testing.assert_array_equal(inference.to_uint8(fused),
+  np.testing.assert_array_equal(frames.to_uint8(fused),
                                 np.round(np.clip(fused, 0, 1) * 255).astype(np.uint8))

@@ -63,3 +63,22 @@ def test_failed_video_leaves_no_file(tmp_path):
       writer.write(np.zeros((16, 16, 3), np.uint8))
       writer.write(np.zeros((8, 8, 3), np.uint8))
   assert list(tmp_path.iterdir()) == []
+
+
+def test_to_uint8_scales_clips_and_rounds_half_to_even():
+  unit = np.array([[[-0.5, 0.25, 1.5], [0.5 / 255, 1.5 / 255, 2.5 / 255]]], np.float32)
+  np.testing.assert_array_equal(frames.to_uint8(unit), [[[0, 64, 255], [0, 2, 2]]])
+  np.testing.assert_array_equal(frames.to_uint8(unit * 255, max_value=255.0),
+                                [[[0, 64, 255], [0, 2, 2]]])
+  np.testing.assert_array_equal(frames.to_uint8(np.float32([[[-3.5, 254.5, 255.5]]]),
+                                                max_value=255.0), [[[0, 254, 255]]])
+  as_uint8 = np.array([[[3, 4, 5]]], np.uint8)
+  assert frames.to_uint8(as_uint8) is as_uint8
+
+
+def test_to_uint8_stretches_each_frame():
+  clip = np.float32([[[[-0.5, 0.25, 1.5]]], [[[0.2, 0.2, 0.2]]]])  # Two frames; one is flat.
+  np.testing.assert_array_equal(frames.to_uint8(clip, stretch=True),
+                                [[[[0, 96, 255]]], [[[0, 0, 0]]]])
+  np.testing.assert_array_equal(frames.to_uint8(np.uint8([[[10, 20, 30]]]), stretch=True),
+                                [[[0, 128, 255]]])

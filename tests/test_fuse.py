@@ -84,8 +84,8 @@ def test_cli_matches_the_api_and_the_artifact(model_dir, small_clip, tmp_path):
   by_model = np.stack([frames.read_frame(tmp_path / "model" / n) for n in names])
   by_artifact = np.stack([frames.read_frame(tmp_path / "artifact" / n) for n in names])
   fuser = inference.Fuser.load(model_dir, windows=inference.WindowSettings(2, 1))
-  expected = inference.to_uint8(fuser.fuse(np.stack(list(frames.iter_frames(ir))),
-                                           np.stack(list(frames.iter_frames(vis)))))
+  expected = frames.to_uint8(fuser.fuse(np.stack(list(frames.iter_frames(ir))),
+                                        np.stack(list(frames.iter_frames(vis)))))
   assert by_model.shape == (7, 10, 13, 3)
   np.testing.assert_array_equal(by_model, expected)
   assert np.abs(by_artifact.astype(int) - by_model).max() <= 1
@@ -93,8 +93,8 @@ def test_cli_matches_the_api_and_the_artifact(model_dir, small_clip, tmp_path):
   fuse.main(_args(model_dir, ir, vis, tmp_path / "reference", "--reference", "--window", "2"))
   by_reference = np.stack([frames.read_frame(tmp_path / "reference" / n) for n in names])
   fuser = inference.Fuser.load(model_dir, windows=inference.WindowSettings(2, 0, "last", True))
-  expected = inference.to_uint8(fuser.fuse(np.stack(list(frames.iter_frames(ir))),
-                                           np.stack(list(frames.iter_frames(vis)))), stretch=True)
+  expected = frames.to_uint8(fuser.fuse(np.stack(list(frames.iter_frames(ir))),
+                                        np.stack(list(frames.iter_frames(vis)))), stretch=True)
   np.testing.assert_array_equal(by_reference, expected)
   assert by_reference.min() == 0 and by_reference.max() == 255  # Stretched per frame.
 
@@ -116,12 +116,12 @@ def test_video_file_input(model_dir, small_clip, tmp_path):
 def test_window_flags():
   def settings(*argv):
     required = ["--model=m", "--ir=i", "--vis=v", "--output=o"]
-    args = fuse.build_parser().parse_args([*required, *argv])
+    args = fuse.parse_flags([*required, *argv])
     return fuse.window_settings("videofusion", args)
 
   assert settings() == inference.WindowSettings(7, 2, "linear", False)
   assert settings("--reference") == inference.WindowSettings(7, 0, "last", True)
-  assert settings("--reference", "--overlap=3", "--no-stretch") == inference.WindowSettings(
+  assert settings("--reference", "--overlap=3", "--nostretch") == inference.WindowSettings(
       7, 3, "last", False)
   assert settings("--window=5", "--blend=last", "--stretch") == inference.WindowSettings(
       5, 2, "last", True)

@@ -214,14 +214,6 @@ def test_mismatched_inputs(mixer):
     _fuser(mixer, window=1)
 
 
-def test_to_uint8():
-  frame = np.array([[[-0.5, 0.25, 1.5]]], np.float32)
-  np.testing.assert_array_equal(inference.to_uint8(frame), [[[0, 64, 255]]])
-  np.testing.assert_array_equal(inference.to_uint8(frame, stretch=True), [[[0, 96, 255]]])
-  as_uint8 = np.array([[[3, 4, 5]]], np.uint8)
-  assert inference.to_uint8(as_uint8) is as_uint8
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
 def test_host_memory_tuning_reaches_glibc():
   assert host_memory.return_large_blocks_to_os(1 << 20)

@@ -155,9 +155,9 @@ def _read_per_frame(out, name):
 def test_evaluate_vfbench_protocol_on_a_split_csv(split_dataset, tmp_path, capsys):
   from vidfusion_jax import evaluate  # pylint: disable=import-outside-toplevel
   data, out = split_dataset, tmp_path / "report"
-  args = [f"--split={data['root'] / 'seq-01.csv'}", f"--split-root={data['root']}",
+  args = [f"--split={data['root'] / 'seq-01.csv'}", f"--split_root={data['root']}",
           f"--fused=mean={data['root'] / 'fused'}", f"--output={out}", "--metrics=none",
-          "--temporal=BiSWE,MS2R,flowD", "--protocol=vfbench", "--flow=zero", "--flow-batch=3"]
+          "--temporal=BiSWE,MS2R,flowD", "--protocol=vfbench", "--flow=zero", "--flow_batch=3"]
   assert evaluate.main(args) == 0
   assert "vfbench protocol" in capsys.readouterr().out
   zero = lambda a, b: np.zeros(a.shape[:3] + (2,), np.float32)
@@ -187,10 +187,10 @@ def test_evaluate_with_a_sea_raft_checkpoint(shared, split_dataset, tmp_path, ca
   torch.save({k.removeprefix("state_dict/"): torch.from_numpy(np.array(network[k]))
               for k in network.files if k.startswith("state_dict/")}, checkpoint)
   data, out = split_dataset, tmp_path / "report"
-  assert evaluate.main([f"--split={data['root'] / 'seq-01.csv'}", f"--split-root={data['root']}",
+  assert evaluate.main([f"--split={data['root'] / 'seq-01.csv'}", f"--split_root={data['root']}",
                         f"--fused=mean={data['root'] / 'fused'}", f"--output={out}",
                         "--metrics=none", "--temporal=BiSWE,MS2R", "--protocol=vfbench",
-                        f"--flow=sea_raft:{checkpoint}:S", "--flow-batch=10"]) == 0
+                        f"--flow=sea_raft:{checkpoint}:S", "--flow_batch=10"]) == 0
   capsys.readouterr()
   summary = json.loads((out / "summary.json").read_text())["mean"]
   assert summary["flow_backend"] == "sea_raft:random-S.pth:S"

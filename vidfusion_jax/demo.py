@@ -8,15 +8,16 @@ walk-through of the tools (docs/*.md describe each one). Everything is written u
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import shlex
 import subprocess
 import sys
 import time
 
+from absl import flags
 import numpy as np
 
+from vidfusion_jax import cli
 from vidfusion_jax import frames
 from vidfusion_jax.data import synthetic
 
@@ -39,13 +40,16 @@ def write_clip(folder: pathlib.Path, num_frames: int, height: int, width: int, s
       frames.write_png(folder / name / f"{t:04d}.png", frame)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m vidfusion_jax.demo`."""
+  flags.DEFINE_string("workdir", "demo_out", "folder for every output", flag_values=fv)
+  flags.DEFINE_integer("steps", 300, "training steps (tiny config)", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("frames", 24, "length of the clip to fuse", lower_bound=1, flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="demo_out", help="folder for every output")
-  parser.add_argument("--steps", type=int, default=300, help="training steps (tiny config)")
-  parser.add_argument("--frames", type=int, default=24, help="length of the clip to fuse")
-  args = parser.parse_args(argv)
+  args = cli.parse(argv, define_flags, prog="python -m vidfusion_jax.demo", usage=__doc__)
   config = REPO_ROOT / "configs" / "videofusion.py"
   if not config.exists():
     sys.exit(f"error: {config} not found: run the demo from a clone of the repository "
@@ -56,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
   start = time.time()
 
   data_dir, clip = workdir / "data", workdir / "clip"
-  run("data_prep", "synthetic", f"--output={data_dir}", "--split=train", "--num-sequences=4",
-      "--num-frames=16", "--height=64", "--width=64", "--clip-length=8", "--no-progress")
-  run("data_prep", "synthetic", f"--output={data_dir}", "--split=val", "--num-sequences=1",
-      "--num-frames=16", "--height=64", "--width=64", "--clip-length=8", "--seed=1",
-      "--no-progress")
+  run("data_prep", "synthetic", f"--output={data_dir}", "--split=train", "--num_sequences=4",
+      "--num_frames=16", "--height=64", "--width=64", "--clip_length=8", "--noprogress")
+  run("data_prep", "synthetic", f"--output={data_dir}", "--split=val", "--num_sequences=1",
+      "--num_frames=16", "--height=64", "--width=64", "--clip_length=8", "--seed=1",
+      "--noprogress")
   run("vidfusion_jax.train", f"--config={config}:tiny", f"--workdir={workdir / 'train'}",
       f"--config.data.path={data_dir}", f"--config.total_steps={args.steps}",
       f"--config.optimizer.cosine_period={args.steps}", "--config.eval_every_steps=100",

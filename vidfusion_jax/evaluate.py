@@ -1,9 +1,12 @@
 """Scores fused videos against their infrared and visible sources.
 
+Spatial (EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, CC, PSNR, MSE) and temporal (flowD, BiSWE, MS2R,
+flicker) metrics of fused videos:
+
   python -m vidfusion_jax.evaluate --ir=IR --vis=VIS --fused NAME=PATH [--fused NAME2=PATH2 ...] \\
       --output=DIR [--protocol=vfbench --flow=sea_raft:CKPT[:S|M|L]]
 
-Every PATH is a folder of frames or a video file; `--split=CSV --split-root=DIR` (a VF-Bench split
+Every PATH is a folder of frames or a video file; `--split=CSV --split_root=DIR` (a VF-Bench split
 CSV and its dataset root) replaces --ir and --vis. PATH and DIR may be `gs://` or `s3://` URLs (the
 `cloud` extra). Writes, under DIR: per_frame.csv, summary.csv, summary.json, summary.md (one row per
 method, naming the temporal protocol and flow backend), curves/<metric>.png (per-frame curves of every
@@ -23,6 +26,7 @@ import re
 import sys
 from typing import Any, Iterator, Sequence
 
+from absl import flags
 import matplotlib
 
 matplotlib.use("Agg")
@@ -30,6 +34,8 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import tqdm  # pylint: disable=wrong-import-position
 
+from vidfusion_jax import cli  # pylint: disable=wrong-import-position
+from vidfusion_jax import compilation_cache  # pylint: disable=wrong-import-position
 from vidfusion_jax import files  # pylint: disable=wrong-import-position
 from vidfusion_jax import frames as frames_lib  # pylint: disable=wrong-import-position
 from vidfusion_jax import metrics  # pylint: disable=wrong-import-position
@@ -47,50 +53,59 @@ def _names(value: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
   names = tuple(n.strip() for n in value.split(",") if n.strip())
   unknown = [n for n in names if n not in allowed]
   if unknown:
-    raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {', '.join(allowed)}")
+    raise ValueError(f"unknown {what} {unknown}; choose from {', '.join(allowed)}")
   return names
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m vidfusion_jax.evaluate",
-      description="Spatial (EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, CC, PSNR, MSE) and temporal "
-                  "(flowD, BiSWE, MS2R, flicker) metrics of fused videos. PATHs are frame folders "
-                  "or video files with the same frame count and frame size.")
-  parser.add_argument("--ir", help="infrared source: frame folder or video (or use --split)")
-  parser.add_argument("--vis", help="visible source: frame folder or video (or use --split)")
-  parser.add_argument("--fused", required=True, action="append", metavar="NAME=PATH",
-                      help="a fused result to score, named NAME (letters, digits, '_', '.', '-'); "
-                           "repeat the flag for several methods")
-  parser.add_argument("--output", required=True, help="folder for the tables and plots")
-  parser.add_argument("--metrics", default=",".join(metrics.METRIC_NAMES),
-                      type=lambda v: _names(v, metrics.METRIC_NAMES, "metrics"),
-                      help="comma-separated spatial metrics, or 'none' (default: all)")
-  parser.add_argument("--temporal", default=",".join(metrics.TEMPORAL_METRIC_NAMES),
-                      type=lambda v: _names(v, metrics.TEMPORAL_METRIC_NAMES, "temporal metrics"),
-                      help="comma-separated temporal metrics, or 'none' (default: all)")
-  parser.add_argument("--convention", default="sum", choices=metrics.CONVENTIONS,
-                      help="sum (CDDFuse reference) or mean of the two source scores of MI, VIF "
-                           "and SSIM (default: sum)")
-  parser.add_argument("--ssim-data-range", type=float, default=metrics.SSIM_DATA_RANGE_REFERENCE,
-                      help="SSIM data range L: 2.0 reproduces the reference, 255 is the textbook "
-                           "value (default: 2.0)")
-  parser.add_argument("--mi-units", default="nats", choices=metrics.MI_UNITS,
-                      help="units of MI (default: nats, like the reference)")
-  parser.add_argument("--flow", default="farneback",
-                      help="optical-flow backend of flowD, BiSWE and MS2R: "
-                           f"{', '.join(sorted(metrics.FLOW_BACKENDS))}, or "
-                           "'package.module:factory' returning a flow(frame_a, frame_b) callable "
-                           "(default: farneback)")
-  parser.add_argument("--max-frames", type=int, default=None,
-                      help="score only the first N frames; every input then needs at least N "
-                           "(default: all, and all inputs must have the same frame count)")
-  parser.add_argument("--batch-size", type=int, default=8,
-                      help="frames per jit-compiled spatial-metric call (default: 8)")
-  parser.add_argument("--profile-column", type=int, default=None,
-                      help="pixel column of the temporal profiles (default: the middle one)")
-  add_temporal_protocol_flags(parser)
-  return parser
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m vidfusion_jax.evaluate`."""
+  flags.DEFINE_string("ir", None, "infrared source: frame folder or video (or use --split)",
+                      flag_values=fv)
+  flags.DEFINE_string("vis", None, "visible source: frame folder or video (or use --split)",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("fused", None, "NAME=PATH: a fused result to score, named NAME "
+                            "(letters, digits, '_', '.', '-'); repeat the flag for several "
+                            "methods", flag_values=fv)
+  flags.DEFINE_string("output", None, "folder for the tables and plots", flag_values=fv)
+  flags.mark_flags_as_required(["fused", "output"], flag_values=fv)
+  flags.DEFINE_string("metrics", ",".join(metrics.METRIC_NAMES),
+                      "comma-separated spatial metrics, or 'none'", flag_values=fv)
+  flags.DEFINE_string("temporal", ",".join(metrics.TEMPORAL_METRIC_NAMES),
+                      "comma-separated temporal metrics, or 'none'", flag_values=fv)
+  flags.DEFINE_enum("convention", "sum", list(metrics.CONVENTIONS),
+                    "sum (CDDFuse reference) or mean of the two source scores of MI, VIF and SSIM",
+                    flag_values=fv)
+  flags.DEFINE_float("ssim_data_range", metrics.SSIM_DATA_RANGE_REFERENCE,
+                     "SSIM data range L: 2.0 reproduces the reference, 255 is the textbook value",
+                     flag_values=fv)
+  flags.DEFINE_enum("mi_units", "nats", list(metrics.MI_UNITS),
+                    "units of MI (nats, like the reference)", flag_values=fv)
+  flags.DEFINE_string("flow", "farneback", "optical-flow backend of flowD, BiSWE and MS2R: "
+                      f"{', '.join(sorted(metrics.FLOW_BACKENDS))}, or 'package.module:factory' "
+                      "returning a flow(frame_a, frame_b) callable", flag_values=fv)
+  flags.DEFINE_integer("max_frames", None, "score only the first N frames; every input then "
+                       "needs at least N (default: all, and all inputs must have the same frame "
+                       "count)", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "frames per jit-compiled spatial-metric call",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("profile_column", None, "pixel column of the temporal profiles (default: "
+                       "the middle one)", flag_values=fv)
+  define_temporal_protocol_flags(fv)
+  compilation_cache.define_flags(fv)
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The flags, with --metrics and --temporal as tuples of metric names."""
+  prog = "python -m vidfusion_jax.evaluate"
+  args = cli.parse(argv, define_flags, prog=prog, usage=__doc__)
+  try:
+    args.metrics = _names(args.metrics, metrics.METRIC_NAMES, "metrics")
+    args.temporal = _names(args.temporal, metrics.TEMPORAL_METRIC_NAMES, "temporal metrics")
+  except ValueError as error:
+    cli.usage_error(prog, str(error))
+  if not args.metrics and not args.temporal and not args.feacd_weights:
+    cli.usage_error(prog, "nothing to compute: --metrics and --temporal are both 'none'")
+  return args
 
 
 # --- Temporal protocols, learned flow and VF-Bench splits (docs/metrics.md) ---------------------
@@ -98,23 +113,22 @@ PROTOCOLS = ("project", "vfbench")
 NOT_COMPARABLE = "not comparable with published tables"
 
 
-def add_temporal_protocol_flags(parser: argparse.ArgumentParser) -> None:
-  """--protocol, --feacd-weights, --flow-batch, --split and --split-root (--flow is above)."""
-  parser.add_argument("--protocol", default="project", choices=PROTOCOLS,
-                      help="temporal definitions: 'vfbench' = BiSWE and MS2R exactly as VF-Bench "
-                           "(clamped ends, occlusion masks) and flowD as TemCoCo released it; "
-                           "'project' = this project's own definitions (default: project)")
-  parser.add_argument("--feacd-weights", default=None, metavar="RESNET18_PTH",
-                      help="also score TemCoCo's feaCD, with this torchvision ResNet-18 state dict "
-                           "(e.g. resnet18-f37072fd.pth; nothing is downloaded)")
-  parser.add_argument("--flow-batch", type=int, default=4,
-                      help="frame pairs per flow-network call under --protocol=vfbench "
-                           "(default: 4)")
-  parser.add_argument("--split", default=None, metavar="CSV",
-                      help="a VF-Bench split CSV (columns ir,rgb; e.g. data_split/IVF/VTMOT/"
-                           "Vtuav-02.csv) listing the frame pairs, instead of --ir and --vis")
-  parser.add_argument("--split-root", default=None, metavar="DIR",
-                      help="the dataset root of --split: frames are DIR/<CSV name>/<path in CSV>")
+def define_temporal_protocol_flags(fv: flags.FlagValues) -> None:
+  """--protocol, --feacd_weights, --flow_batch, --split and --split_root (--flow is above)."""
+  flags.DEFINE_enum("protocol", "project", list(PROTOCOLS),
+                    "temporal definitions: 'vfbench' = BiSWE and MS2R exactly as VF-Bench (clamped "
+                    "ends, occlusion masks) and flowD as TemCoCo released it; 'project' = this "
+                    "project's own definitions", flag_values=fv)
+  flags.DEFINE_string("feacd_weights", None, "also score TemCoCo's feaCD, with this torchvision "
+                      "ResNet-18 state dict (e.g. resnet18-f37072fd.pth; nothing is downloaded)",
+                      flag_values=fv)
+  flags.DEFINE_integer("flow_batch", 4, "frame pairs per flow-network call under "
+                       "--protocol=vfbench", lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("split", None, "a VF-Bench split CSV (columns ir,rgb; e.g. "
+                      "data_split/IVF/VTMOT/Vtuav-02.csv) listing the frame pairs, instead of "
+                      "--ir and --vis", flag_values=fv)
+  flags.DEFINE_string("split_root", None, "the dataset root of --split: frames are "
+                      "DIR/<CSV name>/<path in CSV>", flag_values=fv)
 
 
 def flow_label(flow, protocol: str) -> str:
@@ -155,10 +169,10 @@ def published_protocol_metrics(fused: np.ndarray, ir: np.ndarray, vis: np.ndarra
 def _input_sources(args: argparse.Namespace) -> tuple[splits.FrameSource, splits.FrameSource]:
   if args.split is None:
     if args.ir is None or args.vis is None:
-      raise ValueError("give --ir and --vis, or --split with --split-root")
+      raise ValueError("give --ir and --vis, or --split with --split_root")
     return files.as_path(args.ir), files.as_path(args.vis)
   if args.ir is not None or args.vis is not None or args.split_root is None:
-    raise ValueError("--split replaces --ir and --vis and needs --split-root")
+    raise ValueError("--split replaces --ir and --vis and needs --split_root")
   split = splits.read_vfbench_split(args.split, args.split_root)
   return split.ir, split.vis
 # --- end of the temporal protocol block ---------------------------------------------------------
@@ -192,7 +206,7 @@ def _check_inputs(paths: dict[str, splits.FrameSource], max_frames: int | None) 
     return max_frames
   if len(set(counts.values())) != 1:
     raise ValueError(f"frame counts differ ({listing}): every input must hold the same number "
-                     "of frames, or at least --max-frames frames")
+                     "of frames, or at least --max_frames frames")
   return next(iter(counts.values()))
 
 
@@ -238,7 +252,7 @@ def evaluate_method(fused: files.Path, ir: splits.FrameSource, vis: splits.Frame
                            desc=name or str(fused)):
     column = f.shape[1] // 2 if args.profile_column is None else args.profile_column
     if not 0 <= column < f.shape[1]:
-      raise ValueError(f"--profile-column {column} is outside frames {f.shape[1]} pixels wide")
+      raise ValueError(f"--profile_column {column} is outside frames {f.shape[1]} pixels wide")
     profile_columns.append(f[:, column])
     batch.append((f, a, b))
     if len(batch) == args.batch_size:
@@ -326,16 +340,8 @@ def _write_plots(out: files.Path, results: dict[str, dict], columns: Sequence[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.max_frames is not None and args.max_frames < 1:
-    parser.error("--max-frames must be at least 1")
-  if args.batch_size < 1:
-    parser.error("--batch-size must be at least 1")
-  if not args.metrics and not args.temporal and not args.feacd_weights:
-    parser.error("nothing to compute: --metrics and --temporal are both 'none'")
-  if args.flow_batch < 1:
-    parser.error("--flow-batch must be at least 1")
+  args = parse_flags(argv)
+  compilation_cache.configure(args.compilation_cache, args.compilation_cache_dir)
   try:
     methods = _parse_fused(args.fused)
     ir, vis = _input_sources(args)

@@ -1,7 +1,7 @@
 """Exports a trained model as a self-describing directory for inference.
 
   python -m vidfusion_jax.export --workdir=DIR --output=OUT [--step=N] [--dtype=bfloat16]
-  python -m vidfusion_jax.export --from-torch=CKPT.pth --model=videofusion --output=OUT
+  python -m vidfusion_jax.export --from_torch=CKPT.pth --model=videofusion --output=OUT
 
 OUT holds `manifest.json` (model name and reference config, dtype, versions, param shapes,
 input rules), `params.msgpack` (params only, no optimizer state; flax msgpack) and
@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
+from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ import numpy as np
 from flax import serialization
 
 import vidfusion_jax
+from vidfusion_jax import cli
 from vidfusion_jax import files
 from vidfusion_jax import inference
 from vidfusion_jax.models import schedule
@@ -212,36 +214,37 @@ def _parse_config(text: str) -> dict[str, Any]:
     raise ValueError(f"--config must be a JSON object or a JSON file: {error}") from error
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m vidfusion_jax.export", description=__doc__.split("\n\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="training workdir to export (its latest or --step "
-                      "checkpoint; params only)")
-  source.add_argument("--from-torch", "--from_torch", dest="from_torch", metavar="CKPT",
-                      help="official PyTorch checkpoint (.pth, BasicSR {'params': ...} or a "
-                      "plain state dict); needs the torch extra")
-  parser.add_argument("--output", required=True, help="model directory to write")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step with --workdir (default: the latest)")
-  parser.add_argument("--model", choices=("videofusion", "temcoco"),
-                      help="model of --from-torch (required with it)")
-  parser.add_argument("--config", default=None,
-                      help="reference constructor config of --from-torch as a JSON object or "
-                      "JSON file (default: VideoFusion's read off the checkpoint's shapes; "
-                      "TemCoCo's {})")
-  parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                      help="params and compute dtype of the export (default: %(default)s)")
-  parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                      help="comma-separated platforms to lower the exported function for "
-                      "(default: %(default)s)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace --output if it already exists")
-  return parser
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m vidfusion_jax.export`."""
+  flags.DEFINE_string("workdir", None, "training workdir to export (its latest or --step "
+                      "checkpoint; params only)", flag_values=fv)
+  flags.DEFINE_string("from_torch", None, "official PyTorch checkpoint (.pth, BasicSR "
+                      "{'params': ...} or a plain state dict); needs the torch extra",
+                      flag_values=fv)
+  flags.mark_flags_as_mutual_exclusive(["workdir", "from_torch"], required=True, flag_values=fv)
+  flags.DEFINE_string("output", None, "model directory to write", flag_values=fv)
+  flags.mark_flag_as_required("output", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step with --workdir (default: the latest)",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_enum("model", None, ["videofusion", "temcoco"],
+                    "model of --from_torch (required with it)", flag_values=fv)
+  flags.DEFINE_string("config", None, "reference constructor config of --from_torch as a JSON "
+                      "object or JSON file (default: VideoFusion's read off the checkpoint's "
+                      "shapes; TemCoCo's {})", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", list(DTYPES), "params and compute dtype of the export",
+                    flag_values=fv)
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                    "comma-separated platforms to lower the exported function for",
+                    flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "replace --output if it already exists", flag_values=fv)
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  return cli.parse(argv, define_flags, prog="python -m vidfusion_jax.export", usage=__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  args = build_parser().parse_args(argv)
+  args = parse_flags(argv)
   try:
     if args.workdir:
       if args.model or args.config:
@@ -250,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       source = {"kind": "workdir", "path": str(files.absolute(args.workdir)), "step": step}
     else:
       if not args.model:
-        raise ValueError("--from-torch needs --model=videofusion|temcoco")
+        raise ValueError("--from_torch needs --model=videofusion|temcoco")
       if args.step is not None:
         raise ValueError("--step applies to --workdir only")
       name = args.model
@@ -259,8 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = _parse_config(args.config)
       source = {"kind": "torch", "path": str(files.absolute(args.from_torch))}
     manifest = export_model(args.output, name, config, params, dtype=args.dtype, source=source,
-                            platforms=[p for p in args.platforms.split(",") if p],
-                            overwrite=args.overwrite)
+                            platforms=args.platforms, overwrite=args.overwrite)
   except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
     sys.exit(f"error: {error}")
   print(f"exported {name} ({manifest['params']['count']:,} params, {args.dtype}) to "

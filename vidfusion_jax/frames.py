@@ -95,6 +95,29 @@ def encode_png(rgb: np.ndarray) -> bytes:
   return buffer.tobytes()
 
 
+def to_uint8(frames: np.ndarray, *, max_value: float = 1.0, stretch: bool = False) -> np.ndarray:
+  """Pixel values to uint8: scaled so that `max_value` becomes 255, clipped, rounded half to even.
+
+  uint8 input passes through unchanged. With `stretch`, each frame (the last three axes, H, W, C)
+  is instead min-max stretched to [0, 255], uint8 input included. The one conversion behind saved
+  fused frames and evaluation images (values in [0, 1]) and the synthetic degradations (in
+  [0, 255]).
+  """
+  frames = np.asarray(frames)
+  if frames.dtype == np.uint8:
+    if not stretch:
+      return frames
+    frames, max_value = frames.astype(np.float32) / 255.0, 1.0
+  frames = frames.astype(np.float32)
+  if stretch:
+    axes = (-3, -2, -1)
+    low = frames.min(axis=axes, keepdims=True)
+    high = frames.max(axis=axes, keepdims=True)
+    frames = (frames - low) / np.maximum(high - low, np.finfo(np.float32).tiny)
+    max_value = 1.0
+  return np.rint(np.clip(frames * np.float32(255.0 / max_value), 0.0, 255.0)).astype(np.uint8)
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
   """Writes a uint8 RGB frame as PNG, atomically (no half-written file on interruption)."""
   files.atomic_write(path, encode_png(rgb))

@@ -17,9 +17,12 @@ import re
 import sys
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 import tqdm
 
+from vidfusion_jax import cli
+from vidfusion_jax import compilation_cache
 from vidfusion_jax import files
 from vidfusion_jax import frames as frame_io
 from vidfusion_jax import host_memory
@@ -40,56 +43,55 @@ def existing_frames(folder: files.Path) -> list[files.Path]:
   return sorted(p for p in folder.iterdir() if FRAME_NAME.match(p.name))
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m vidfusion_jax.fuse", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--model", required=True,
-                      help="model directory written by `python -m vidfusion_jax.export`")
-  parser.add_argument("--ir", help="infrared frames: a folder or a video file (or use --split)")
-  parser.add_argument("--vis", help="visible frames: a folder or a video file (or use --split)")
-  parser.add_argument("--output", required=True, help="folder for the fused NNNN.png frames")
-  parser.add_argument("--backend", choices=("model", "artifact"), default="model",
-                      help="run the params through the model code, or the exported jax.export "
-                      "function alone (default: %(default)s)")
-  parser.add_argument("--window", type=int, default=None,
-                      help="frames per temporal window (default: 7 for videofusion, 30 for "
-                      "temcoco)")
-  parser.add_argument("--overlap", type=int, default=None,
-                      help="frames shared by consecutive windows (default: 2 for videofusion, 5 "
-                      "for temcoco, 0 with --reference for videofusion; at most --window - 1)")
-  parser.add_argument("--blend", choices=inference.BLEND_MODES, default=None,
-                      help="overlapping frames: 'linear' cross-fades the windows, 'last' keeps "
-                      "the later window (default: linear; last with --reference)")
-  parser.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None,
-                      help="min-max stretch each fused frame to [0, 255] instead of clipping "
-                      "(default: off; on with --reference for videofusion)")
-  parser.add_argument("--reference", action="store_true",
-                      help="the official test procedure's windows, blending and saving; the "
-                      "flags above override its parts")
-  parser.add_argument("--windows_per_call", type=int, default=1,
-                      help="windows stacked into one device call (more: faster, more memory; "
-                      "default: %(default)s)")
-  parser.add_argument("--truncate", action="store_true",
-                      help="fuse only the first N frames when the two inputs have different "
-                      "frame counts (default: an error)")
-  parser.add_argument("--resize", action="store_true",
-                      help="resize visible frames to the infrared frame size when they differ "
-                      "(default: an error)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace NNNN.png frames already in --output (default: refuse to run)")
-  parser.add_argument("--mp4", default=None, help="also write the fused video to this mp4 path")
-  parser.add_argument("--side_by_side", default=None,
-                      help="also write an IR | VIS | fused mp4 to this path")
-  parser.add_argument("--fps", type=float, default=30.0,
-                      help="frame rate of the mp4 outputs (default: %(default)s)")
-  parser.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
-  # VF-Bench split CSVs (see vidfusion_jax/splits.py).
-  parser.add_argument("--split", default=None, metavar="CSV",
-                      help="a VF-Bench split CSV (columns ir,rgb; e.g. data_split/IVF/VTMOT/"
-                      "Vtuav-02.csv) listing the frame pairs, instead of --ir and --vis")
-  parser.add_argument("--split_root", default=None, metavar="DIR",
-                      help="the dataset root of --split: frames are DIR/<CSV name>/<path in CSV>")
-  return parser
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m vidfusion_jax.fuse`."""
+  flags.DEFINE_string("model", None, "model directory written by `python -m vidfusion_jax.export`",
+                      flag_values=fv)
+  flags.DEFINE_string("ir", None, "infrared frames: a folder or a video file (or use --split)",
+                      flag_values=fv)
+  flags.DEFINE_string("vis", None, "visible frames: a folder or a video file (or use --split)",
+                      flag_values=fv)
+  flags.DEFINE_string("output", None, "folder for the fused NNNN.png frames", flag_values=fv)
+  flags.mark_flags_as_required(["model", "output"], flag_values=fv)
+  flags.DEFINE_enum("backend", "model", ["model", "artifact"],
+                    "run the params through the model code, or the exported jax.export function "
+                    "alone", flag_values=fv)
+  flags.DEFINE_integer("window", None, "frames per temporal window (default: 7 for videofusion, "
+                       "30 for temcoco)", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("overlap", None, "frames shared by consecutive windows (default: 2 for "
+                       "videofusion, 5 for temcoco, 0 with --reference for videofusion; at most "
+                       "--window - 1)", lower_bound=0, flag_values=fv)
+  flags.DEFINE_enum("blend", None, list(inference.BLEND_MODES),
+                    "overlapping frames: 'linear' cross-fades the windows, 'last' keeps the later "
+                    "window (default: linear; last with --reference)", flag_values=fv)
+  flags.DEFINE_bool("stretch", None, "min-max stretch each fused frame to [0, 255] instead of "
+                    "clipping (default: off; on with --reference for videofusion)",
+                    flag_values=fv)
+  flags.DEFINE_bool("reference", False, "the official test procedure's windows, blending and "
+                    "saving; the flags above override its parts", flag_values=fv)
+  flags.DEFINE_integer("windows_per_call", 1, "windows stacked into one device call (more: "
+                       "faster, more memory)", lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("truncate", False, "fuse only the first N frames when the two inputs have "
+                    "different frame counts (default: an error)", flag_values=fv)
+  flags.DEFINE_bool("resize", False, "resize visible frames to the infrared frame size when "
+                    "they differ (default: an error)", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "replace NNNN.png frames already in --output (default: "
+                    "refuse to run)", flag_values=fv)
+  flags.DEFINE_string("mp4", None, "also write the fused video to this mp4 path", flag_values=fv)
+  flags.DEFINE_string("side_by_side", None, "also write an IR | VIS | fused mp4 to this path",
+                      flag_values=fv)
+  flags.DEFINE_float("fps", 30.0, "frame rate of the mp4 outputs", flag_values=fv)
+  flags.DEFINE_bool("quiet", False, "no progress bar or summary line", flag_values=fv)
+  flags.DEFINE_string("split", None, "a VF-Bench split CSV (columns ir,rgb; e.g. "
+                      "data_split/IVF/VTMOT/Vtuav-02.csv) listing the frame pairs, instead of "
+                      "--ir and --vis (vidfusion_jax/splits.py)", flag_values=fv)
+  flags.DEFINE_string("split_root", None, "the dataset root of --split: frames are "
+                      "DIR/<CSV name>/<path in CSV>", flag_values=fv)
+  compilation_cache.define_flags(fv)
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  return cli.parse(argv, define_flags, prog="python -m vidfusion_jax.fuse", usage=__doc__)
 
 
 def window_settings(model_name: str, args: argparse.Namespace) -> inference.WindowSettings:
@@ -158,13 +160,13 @@ def run(args: argparse.Namespace) -> int:
                                              desc="fusing"))
     try:
       for ir, vis, fused in stream:
-        image = inference.to_uint8(fused, settings.stretch)
+        image = frame_io.to_uint8(fused, stretch=settings.stretch)
         frame_io.write_png(output / frame_name(written), image)
         if videos[0]:
           videos[0].write(image)
         if videos[1]:
           videos[1].write(np.concatenate(
-              [inference.to_uint8(ir), inference.to_uint8(vis), image], axis=1))
+              [frame_io.to_uint8(ir), frame_io.to_uint8(vis), image], axis=1))
         written += 1
         progress.update()
     except (ValueError, OSError) as error:
@@ -180,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  args = build_parser().parse_args(argv)
+  args = parse_flags(argv)
+  compilation_cache.configure(args.compilation_cache, args.compilation_cache_dir)
   host_memory.return_large_blocks_to_os()
   try:
     written = run(args)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+from flax import traverse_util
 
 import vidfusion_jax
 from vidfusion_jax import files
@@ -170,8 +171,7 @@ def read_exported(model_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
   """`{"a/b/kernel": leaf}` view of a nested param dict."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+  return traverse_util.flatten_dict(params, sep="/")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,23 +248,6 @@ def as_frame_sequence(frames: Any) -> np.ndarray:
   if frames.ndim not in (3, 4):
     raise ValueError(f"expected frames (T, H, W[, C]), got shape {frames.shape}")
   return frames
-
-
-def to_uint8(fusion: np.ndarray, stretch: bool = False) -> np.ndarray:
-  """Frame(s) (..., H, W, 3) in [0, 1] to uint8: clipped, or per-frame min-max stretched.
-
-  uint8 frames pass through unless stretched.
-  """
-  fusion = np.asarray(fusion)
-  if fusion.dtype == np.uint8 and not stretch:
-    return fusion
-  fusion = fusion.astype(np.float32) / (255.0 if fusion.dtype == np.uint8 else 1.0)
-  if stretch:
-    axes = (-3, -2, -1)
-    low = fusion.min(axis=axes, keepdims=True)
-    high = fusion.max(axis=axes, keepdims=True)
-    fusion = (fusion - low) / np.maximum(high - low, np.finfo(np.float32).tiny)
-  return np.round(np.clip(fusion, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _pad_frame(frame: np.ndarray, multiple: int) -> np.ndarray:
@@ -430,7 +413,7 @@ class Fuser:
     """Fuses whole clips: (T, H, W, 3|1) or gray (T, H, W), uint8 or float in [0, 1].
 
     Returns the network's fused frames, float32 (T, H, W, 3) at the infrared frame size
-    (unclipped: use `to_uint8` to save them).
+    (unclipped: use `frames.to_uint8` to save them).
     """
     ir, vis = as_frame_sequence(ir), as_frame_sequence(vis)
     fused = list(self.fuse_stream(ir, vis, truncate=truncate, resize=resize))

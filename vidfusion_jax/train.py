@@ -31,6 +31,8 @@ import optax
 import tqdm
 
 from vidfusion_jax import checkpointing
+from vidfusion_jax import cli
+from vidfusion_jax import compilation_cache
 from vidfusion_jax import data
 from vidfusion_jax import files
 from vidfusion_jax import frames
@@ -296,10 +298,6 @@ def ssim_uint8(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.mean(values))
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.round(np.asarray(x, np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
 def _centre_crop(clip: np.ndarray, size: int) -> np.ndarray:
   if not size:
     return clip
@@ -332,7 +330,7 @@ def evaluate(trainer: Trainer, params: PyTree) -> tuple[dict[str, float], np.nda
               for k, v in streams.items()}
       inputs = objectives.to_float({k: clip[k][None] for k in ("lq_ir", "lq_vis")})
       outputs = jax.device_get(trainer.apply(params, inputs["lq_ir"], inputs["lq_vis"]))
-      outputs = {k: _to_uint8(v[0]) for k, v in outputs.items()}
+      outputs = {k: frames.to_uint8(v[0]) for k, v in outputs.items()}
       frame_scores = _frame_scores(outputs, clip, fusion_metric_names)
       for name, values in frame_scores.items():
         per_clip.setdefault(name, []).append(float(np.mean(values)))
@@ -522,6 +520,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
+compilation_cache.define_flags(flags.FLAGS)
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
@@ -541,6 +540,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.get_absl_handler().addFilter(_without_library_info)
+  compilation_cache.configure(flags.FLAGS.compilation_cache, flags.FLAGS.compilation_cache_dir)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX process %d of %d, %d local / %d global devices", jax.process_index(),
@@ -555,4 +555,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.app_flags_parser(__doc__))

@@ -15,6 +15,7 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,21 +204,6 @@ def _mapping(name: str) -> TorchMapping:
   return _MAPPINGS[name]
 
 
-def _flatten(tree: Any) -> dict[FlaxPath, Any]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(k.key for k in path): leaf for path, leaf in flat}
-
-
-def _unflatten(flat: Mapping[FlaxPath, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return tree
-
-
 def _name_list(names) -> str:
   names = sorted(names)
   shown = ", ".join(repr(n) for n in names[:10])
@@ -231,8 +217,9 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str,
   """
   mapping = _mapping(name)
   state_dict = {k: np.asarray(v) for k, v in mapping.prepare(state_dict).items()}
-  expected = {mapping.to_torch_name(path): (path, leaf) for path, leaf in
-              mapping.unstack(_flatten(mapping.abstract_params(state_dict))).items()}
+  abstract_params = traverse_util.flatten_dict(mapping.abstract_params(state_dict))
+  expected = {mapping.to_torch_name(path): (path, leaf)
+              for path, leaf in mapping.unstack(abstract_params).items()}
   buffers = mapping.buffers()
   for buffer_name, value in buffers.items():
     if buffer_name in state_dict and not np.array_equal(state_dict[buffer_name], value):
@@ -255,7 +242,7 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any]) -> dict[str,
       raise ValueError(f"tensor {torch_name!r} has shape {tuple(array.shape)}, the {name} model "
                        f"expects {tuple(expected_torch)}")
     flat[path] = np.ascontiguousarray(converted, dtype=leaf.dtype)
-  return _unflatten(mapping.stack(flat))
+  return traverse_util.unflatten_dict(mapping.stack(flat))
 
 
 def to_torch_state_dict(name: str, params: Mapping[str, Any]) -> StateDict:
@@ -264,7 +251,7 @@ def to_torch_state_dict(name: str, params: Mapping[str, Any]) -> StateDict:
   if set(params) == {"params"}:
     params = params["params"]
   state_dict = {}
-  for path, leaf in mapping.unstack(_flatten(params)).items():
+  for path, leaf in mapping.unstack(traverse_util.flatten_dict(params)).items():
     state_dict[mapping.to_torch_name(path)] = np.ascontiguousarray(
         mapping.to_torch_layout(path, np.asarray(leaf)))
   state_dict.update((k, np.array(v)) for k, v in mapping.buffers().items())

@@ -14,6 +14,8 @@ import dataclasses
 import cv2
 import numpy as np
 
+from vidfusion_jax import frames as frames_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class DegradeOptions:
@@ -30,17 +32,14 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
   return float(rng.uniform(*bounds))
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
 def degrade_infrared(clip: np.ndarray, rng: np.random.Generator,
                      options: DegradeOptions = DegradeOptions()) -> np.ndarray:
   """Stripe + Gaussian noise; the same noise on the three channels keeps gray IR gray."""
   frames, height, width, _ = clip.shape
   stripe = rng.normal(0.0, _uniform(rng, options.ir_stripe_sigma), (1, 1, width, 1))
   noise = rng.normal(0.0, _uniform(rng, options.ir_noise_sigma), (frames, height, width, 1))
-  return _to_uint8(clip.astype(np.float32) + (stripe + noise).astype(np.float32))
+  return frames_lib.to_uint8(clip.astype(np.float32) + (stripe + noise).astype(np.float32),
+                             max_value=255.0)
 
 
 def degrade_visible(clip: np.ndarray, rng: np.random.Generator,
@@ -53,7 +52,8 @@ def degrade_visible(clip: np.ndarray, rng: np.random.Generator,
   blurred = np.stack([cv2.GaussianBlur(frame, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
                       for frame in clip.astype(np.float32)])
   dark = 255.0 * gain * (np.clip(blurred, 0, 255) / 255.0) ** gamma
-  return _to_uint8(dark + rng.normal(0.0, noise_sigma, clip.shape).astype(np.float32))
+  return frames_lib.to_uint8(dark + rng.normal(0.0, noise_sigma, clip.shape).astype(np.float32),
+                             max_value=255.0)
 
 
 def degrade_clip(gt_ir: np.ndarray, gt_vis: np.ndarray, rng: np.random.Generator,
