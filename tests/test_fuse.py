@@ -188,7 +188,7 @@ def test_vfbench_split_csv_lists_the_frame_pairs(model_dir, small_clip, tmp_path
   fuser = inference.Fuser.load(model_dir, windows=inference.WindowSettings(2, 1))
   read = lambda folder: np.stack([frames.read_frame(folder / f"f{i}.png")
                                   for i in reversed(range(7))])
-  np.testing.assert_array_equal(by_split, inference.to_uint8(fuser.fuse(read(ir), read(vis))))
+  np.testing.assert_array_equal(by_split, frames.to_uint8(fuser.fuse(read(ir), read(vis))))
   with pytest.raises(SystemExit, match="--split replaces --ir and --vis"):
     fuse.main(common + ["--split", str(root / "seq^a.csv"), "--ir", str(ir),
                         "--output", str(tmp_path / "x")])
