@@ -33,7 +33,8 @@ class ClipRecordSource:
 
   Record `i` is the i-th record in shard order (shards as listed in `dataset_info.json`). Every
   read verifies both CRCs of the record; a corrupt record raises `RecordCorruptError` naming the
-  shard and the byte offset. File descriptors are opened lazily per process (it is picklable).
+  shard and the byte offset. File descriptors are opened lazily per process (it is picklable)
+  and closed by `close()` (or leaving a `with` block, or garbage collection).
   """
 
   def __init__(self, data_dir: str | os.PathLike, split: str):
@@ -71,6 +72,23 @@ class ClipRecordSource:
     if shard not in self._fds:
       self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
     return self._fds[shard]
+
+  def close(self) -> None:
+    """Closes this process's shard descriptors (a later read reopens them)."""
+    fds = self._fds if self._pid == os.getpid() else {}
+    self._fds = {}
+    for fd in fds.values():
+      os.close(fd)
+
+  def __enter__(self) -> "ClipRecordSource":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def __del__(self) -> None:
+    if getattr(self, "_fds", None):
+      self.close()
 
   def __getstate__(self) -> dict[str, Any]:
     return self.__dict__ | {"_fds": {}, "_pid": None}
