@@ -246,10 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.temporal:
       args.flow = metrics.get_flow_backend(args.flow)
     out = pathlib.Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    frames_lib.check_writable_folder(out, "--output")
     results = {name: evaluate_method(path, ir, vis, count, args, name)
                for name, path in methods.items()}
-  except (ValueError, FileNotFoundError, frames_lib.FrameReadError) as error:
+  except (ValueError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   columns = [*args.metrics, *args.temporal]

@@ -31,6 +31,7 @@ import numpy as np
 from flax import serialization
 
 import vidfusion_jax
+from vidfusion_jax import frames as frame_io
 from vidfusion_jax import inference
 
 DTYPES = ("float32", "bfloat16")
@@ -133,7 +134,7 @@ def _check_output(output: pathlib.Path, overwrite: bool) -> None:
   if output.is_dir() and any(output.iterdir()) and not overwrite:
     raise ValueError(f"--output {output} exists and is not empty; choose a new directory or pass "
                      "--overwrite to replace it")
-  output.parent.mkdir(parents=True, exist_ok=True)
+  frame_io.check_writable_folder(output.parent, "the folder of --output")
 
 
 def _replace_dir(new: pathlib.Path, output: pathlib.Path) -> None:
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifest = export_model(args.output, name, config, params, dtype=args.dtype, source=source,
                             platforms=[p for p in args.platforms.split(",") if p],
                             overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
+  except (ValueError, OSError, ImportError, KeyError) as error:
     sys.exit(f"error: {error}")
   print(f"exported {name} ({manifest['params']['count']:,} params, {args.dtype}) to "
         f"{args.output}")

@@ -107,6 +107,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     raise
 
 
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+  """Creates `folder` and writes (then removes) a probe file in it the way outputs are written,
+  so that a read-only or full output folder fails before any compute."""
+  probe = pathlib.Path(folder) / ".write-probe"
+  try:
+    atomic_write_bytes(probe, b"probe")
+    probe.unlink()
+  except OSError as error:
+    raise OSError(error.errno, f"{what} {folder} is not writable ({error.strerror or error}); "
+                  "choose another folder or make it writable") from error
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
   """Writes a uint8 RGB frame as PNG, atomically (no half-written file on interruption)."""
   atomic_write_bytes(path, encode_png(rgb))

@@ -255,11 +255,17 @@ def _check_tfrecord_data(config: ml_collections.ConfigDict, evaluates: bool,
   try:
     info = data.read_dataset_info(path)
     splits, stored = info["splits"], info["clip_length"]
-  except (OSError, ValueError, KeyError, TypeError) as error:
-    problems.append(f"data.path {path}: cannot read its dataset_info.json ({error!r}); "
-                    "re-run the conversion with `python -m data_prep`")
+  except (OSError, ValueError) as error:
+    problems.append(f"data.path: {error}")
+    return False
+  except (KeyError, TypeError) as error:
+    problems.append(f"data.path: the dataset_info.json of {path} lacks {error}; re-run the "
+                    "conversion with `python -m data_prep`")
     return False
   train_split = splits.get(config.data.train_split)
+  eval_split = splits.get(config.data.eval_split) if evaluates else None
+  for name, split in ((config.data.train_split, train_split), (config.data.eval_split, eval_split)):
+    problems += _shard_problems(path, name, split)
   if train_split is None:
     problems.append(f"{path} has no split {config.data.train_split!r} (it has {sorted(splits)}); "
                     "set --config.data.train_split or convert one with `--split`")
@@ -276,7 +282,6 @@ def _check_tfrecord_data(config: ml_collections.ConfigDict, evaluates: bool,
       problems.append(f"data.crop_size {config.data.crop_size} exceeds the smallest frame "
                       f"{smallest[0]}x{smallest[1]} of split {config.data.train_split!r}; lower "
                       "--config.data.crop_size")
-  eval_split = splits.get(config.data.eval_split)
   if evaluates and eval_split is None:
     logging.warning(
         "%s has no split %r (it has %s): evaluation is skipped. Convert one with `python -m "
@@ -295,6 +300,21 @@ def _check_tfrecord_data(config: ml_collections.ConfigDict, evaluates: bool,
                       f"{smallest[0]}x{smallest[1]} of split {config.data.eval_split!r}; lower "
                       "--config.eval.crop_size (0: full frames)")
   return eval_split is not None
+
+
+def _shard_problems(path: str, name: str, split: dict[str, Any] | None) -> list[str]:
+  """Shards of a split that are missing or not the size dataset_info.json records."""
+  problems = []
+  for shard in (split or {}).get("shards", []):
+    shard_path = pathlib.Path(path) / shard["file"]
+    if not shard_path.is_file():
+      problems.append(f"shard {shard['file']} of split {name!r} is missing from {path}; re-run "
+                      "the conversion")
+    elif shard_path.stat().st_size != shard["num_bytes"]:
+      problems.append(f"shard {shard['file']} of split {name!r} is {shard_path.stat().st_size} "
+                      f"bytes, dataset_info.json says {shard['num_bytes']}: it is truncated or "
+                      "was replaced; re-run the conversion")
+  return problems
 
 
 def _smallest_frame(split: dict[str, Any]) -> tuple[int, int] | None:

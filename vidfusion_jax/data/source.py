@@ -19,7 +19,11 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a converted dataset, or "
                             "its conversion has not finished (re-run `python -m data_prep`)")
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON ({error}): the conversion was interrupted or the "
+                     "file was edited; re-run `python -m data_prep`") from error
 
 
 def split_info(info: dict[str, Any], split: str, data_dir: str | os.PathLike) -> dict[str, Any]:
