@@ -105,7 +105,10 @@ def _check_inputs(paths: dict[str, pathlib.Path], max_frames: int | None) -> int
   for label, path in paths.items():
     if not path.exists():
       raise FileNotFoundError(f"{label}: {path} does not exist")
-    counts[label] = frames_lib.count_frames(path)
+    try:
+      counts[label] = frames_lib.count_frames(path)
+    except (OSError, RuntimeError) as error:
+      raise frames_lib.FrameReadError(f"cannot read {label} {path}: {error}") from error
   listing = ", ".join(f"{label} {n}" for label, n in counts.items())
   if min(counts.values()) == 0:
     raise ValueError(f"an input holds no frames ({listing})")

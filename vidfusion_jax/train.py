@@ -231,10 +231,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                       "(set --config.eval_every_steps=0 to silence this)")
     evaluates = False
   elif config.data.source == "tfrecord":
-    problems_before = len(problems)
-    evaluates = _check_tfrecord_data(config, evaluates, problems) and evaluates
-    if len(problems) > problems_before:
-      evaluates = False
+    evaluates = _check_tfrecord_data(config, evaluates, problems)
   else:
     problems.append(f"data.source must be 'tfrecord' or 'synthetic'; got {config.data.source!r}")
   if problems:
@@ -245,8 +242,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 
 def _check_tfrecord_data(config: ml_collections.ConfigDict, evaluates: bool,
                          problems: list[str]) -> bool:
-  """Appends the problems of `config.data` against the converted dataset; returns whether the
-  dataset has the evaluation split."""
+  """Appends the problems of `config.data` against the converted dataset; returns whether the run
+  evaluates (`evaluates` and the dataset has the evaluation split)."""
   path = config.data.path
   if not path:
     problems.append("data.path is empty: set --config.data.path to a dataset converted with "
@@ -326,14 +323,16 @@ def unsampled_window_starts(window: int, record_length: int, stride: int) -> lis
   """Offsets (mod `stride`) at which no training window of `window` frames can start.
 
   Windows start at offsets 0..record_length - window of records that start every `stride`
-  frames, so a sequence frame f can start a window iff f mod stride is one of those offsets.
+  frames, so a sequence frame f can start a window iff f mod stride is one of those offsets
+  (the last record of a sequence, aligned to its end, aside).
   """
   return list(range(record_length - window + 1, stride))
 
 
 def _warn_unsampled_window_starts(window: int, record_length: int, stride: int | None,
                                   path: str) -> None:
-  missing = unsampled_window_starts(window, record_length, stride or record_length)
+  stride = stride or record_length
+  missing = unsampled_window_starts(window, record_length, stride)
   if missing:
     logging.warning(
         "data.clip_length %d on the %d-frame records of %s (clip stride %d): windows never start "
