@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import signal
 import subprocess

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
