@@ -260,6 +260,7 @@ def test_missing_or_corrupt_dataset_info_is_refused_at_start(dataset, tmp_path, 
 # --------------------------------------------------------------------------- checkpoint faults
 
 
+@pytest.mark.slow  # two stand-in training runs
 def test_full_disk_during_a_checkpoint_save_keeps_the_previous_one(standin_reference, tmp_path,
                                                                     monkeypatch):
   """ENOSPC while committing step 8: step 4 stays restorable; the rerun ends like an

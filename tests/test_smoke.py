@@ -59,7 +59,7 @@ def test_benchmark_quick_mode(script):
 
 
 def test_metrics_benchmark_at_tiny_size():
-  records = _json_lines(_run(["benchmarks/metrics.py", "--height=32", "--width=32", "--batch=2",
+  records = _json_lines(_run(["benchmarks/metrics.py", "--height=48", "--width=48", "--batch=2",
                               "--iters=1"]))
   assert len(records) == 2
   for record in records:
