@@ -1,10 +1,13 @@
-"""Shared test fixtures: the read-only reference material in ../shared."""
+"""Shared test fixtures: the read-only reference material in ../shared, and the stand-in
+training run used by several modules (built once per session)."""
 
 import os
 import pathlib
 
 import jax
 import pytest
+
+from test_train_standin import get_config, losses_by_step, register
 
 # Parity needs full float32 matmuls (GPUs default to TF32); set for the whole session so that
 # module- and session-scoped fixtures computing golden comparisons get it too.
@@ -38,3 +41,22 @@ def compilation_cache_dir(tmp_path_factory):
 def shared():
   """`shared("golden/x.npz")` gives the path, or skips (fails in CI) when absent."""
   return shared_file
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory) -> pathlib.Path:
+  """A persistent compilation cache shared by the test subprocesses of a session."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="session")
+def standin_reference(tmp_path_factory):
+  """An uninterrupted 20-step stand-in run on this process's single device: workdir, losses,
+  params (tests/test_train_standin.py)."""
+  from vidfusion_jax import train  # pylint: disable=g-import-not-at-top
+  register()
+  workdir = tmp_path_factory.mktemp("reference")
+  config = get_config()
+  state = train.train_and_evaluate(config, workdir)
+  return {"workdir": workdir, "config": config, "losses": losses_by_step(workdir),
+          "params": jax.device_get(state.params)}

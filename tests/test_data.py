@@ -93,6 +93,7 @@ def test_restored_iterator_state_reproduces_next_batches(dataset, tmp_path):
         np.testing.assert_array_equal(other[key], batch[key])
 
 
+@pytest.mark.multiprocess
 def test_worker_processes_give_the_same_batches_and_resume(dataset):
   options = dict(global_batch_size=2, clip_length=3, crop_size=16, seed=2,
                  process_index=0, process_count=1, worker_count=1)

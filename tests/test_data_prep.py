@@ -456,3 +456,26 @@ def test_old_flag_spellings_warn_and_work(tmp_path, capsys):
 def test_bad_command_lines_are_named(argv, message, capsys):
   assert cli.main(argv) == 2
   assert re.search(message, capsys.readouterr().err)
+
+
+def test_records_read_with_tensorflow(tmp_path):
+  """`tf.data.TFRecordDataset` + `tf.io.parse_single_example` with dataset_info's feature_spec
+  read our shards (framing, CRCs and Example encoding), including PNG frames."""
+  tf = pytest.importorskip("tensorflow")
+  info = data.make_synthetic_dataset(tmp_path, num_sequences=1, num_frames=5, height=8, width=12,
+                                     clip_length=3, frame_encoding="png")
+  features = {name: tf.io.FixedLenFeature(f["shape"], getattr(tf, f["dtype"]))
+              for name, f in info["feature_spec"].items()}
+  clip = synthetic.synthetic_sequences(1, 5, 8, 12)[0].read_frames(0, 5)
+  shards = [str(tmp_path / shard["file"]) for shard in info["splits"]["train"]["shards"]]
+  parsed = [tf.io.parse_single_example(record, features)
+            for record in tf.data.TFRecordDataset(shards)]
+  assert [int(p["first_frame"]) for p in parsed] == [0, 2]
+  for example in parsed:
+    first = int(example["first_frame"])
+    assert example["sequence"].numpy() == b"synthetic_0000"
+    assert (int(example["num_frames"]), int(example["height"]), int(example["width"])) == (3, 8, 12)
+    for stream in records.STREAMS:
+      frames = np.stack([tf.io.decode_png(png, channels=3).numpy()
+                         for png in example[stream].numpy()])
+      np.testing.assert_array_equal(frames, clip[stream][first:first + 3])

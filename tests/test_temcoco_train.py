@@ -63,6 +63,7 @@ def test_missing_teachers_are_refused_with_sources(tmp_path):
   assert load(config) is None
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_on_m3svd_mini(shared, tmp_path):
   data = tmp_path / "data"
   subprocess.run(

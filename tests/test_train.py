@@ -11,7 +11,6 @@ from PIL import Image
 
 from test_train_standin import assert_params_close, get_config, load_config_module, losses_by_step
 from test_train_standin import register
-from test_train_standin import standin_reference  # pylint: disable=unused-import
 from vidfusion_jax import checkpointing
 from vidfusion_jax import data
 from vidfusion_jax import logging_utils

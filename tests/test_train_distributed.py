@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from test_train_standin import SCRIPT, assert_params_close, losses_by_step, subprocess_env
-from test_train_standin import compilation_cache, standin_reference  # pylint: disable=unused-import
 from vidfusion_jax import checkpointing
 from vidfusion_jax import sharding
 from vidfusion_jax import train
+
+pytestmark = pytest.mark.slow  # every case runs training subprocesses
 
 # (name, mesh shape over ("data", "fsdp"), number of devices, grad_accum_steps)
 MESH_RUNS = (("data8", (8, 1), 8, 1), ("data2_fsdp4", (2, 4), 8, 1), ("data4_accum2", (4, 1), 4, 2))
@@ -111,6 +112,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_single_process(tmp_path, compilation_cache, standin_reference):
   """2 processes x 2 CPU devices (gloo collectives, mesh data=2 x fsdp=2) match 1 process."""
   env = subprocess_env(compilation_cache, num_devices=2)

@@ -23,6 +23,7 @@ def _nthwc(x: np.ndarray) -> np.ndarray:
   return np.transpose(x, (0, 1, 3, 4, 2))
 
 
+@pytest.mark.slow
 def test_first_step_gradients_match_pytorch(golden):
   """`train.loss_and_grads` (the train step's gradient) on the golden inputs and targets."""
   model_config = ml_collections.ConfigDict({

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from vidfusion_jax import logging_utils
 from vidfusion_jax import objectives
@@ -111,23 +110,6 @@ def subprocess_env(cache_dir: pathlib.Path, num_devices: int = 1) -> dict[str, s
 
 SCRIPT = [sys.executable, str(pathlib.Path(__file__).resolve()),
           f"--config={pathlib.Path(__file__).resolve()}"]
-
-
-@pytest.fixture(scope="session")
-def compilation_cache(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="session")
-def standin_reference(tmp_path_factory):
-  """An uninterrupted 20-step run on this process's single device: workdir, losses, params."""
-  from vidfusion_jax import train  # pylint: disable=g-import-not-at-top
-  register()
-  workdir = tmp_path_factory.mktemp("reference")
-  config = get_config()
-  state = train.train_and_evaluate(config, workdir)
-  return {"workdir": workdir, "config": config, "losses": losses_by_step(workdir),
-          "params": jax.device_get(state.params)}
 
 
 def assert_params_close(actual, expected, rtol: float, atol: float = 0.0) -> None:

@@ -198,7 +198,10 @@ def _check_inputs(paths: dict[str, splits.FrameSource], max_frames: int | None) 
   for label, path in paths.items():
     if not isinstance(path, (list, tuple)) and not path.exists():
       raise FileNotFoundError(f"{label}: {path} does not exist")
-    counts[label] = splits.count_frames(path)
+    try:
+      counts[label] = splits.count_frames(path)
+    except (OSError, RuntimeError) as error:
+      raise frames_lib.FrameReadError(f"cannot read {label} {path}: {error}") from error
   listing = ", ".join(f"{label} {n}" for label, n in counts.items())
   if min(counts.values()) == 0:
     raise ValueError(f"an input holds no frames ({listing})")
@@ -352,10 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.feacd = (feacd_lib.ResNet18Logits.from_checkpoint(args.feacd_weights)
                   if args.feacd_weights else None)
     out = files.as_path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    frames_lib.check_writable_folder(out, "--output")
     results = {name: evaluate_method(path, ir, vis, count, args, name)
                for name, path in methods.items()}
-  except (ValueError, FileNotFoundError, frames_lib.FrameReadError) as error:
+  except (ValueError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   columns = [*args.metrics, *args.temporal, *(["feaCD"] if args.feacd else [])]

@@ -36,6 +36,7 @@ from flax import serialization
 import vidfusion_jax
 from vidfusion_jax import cli
 from vidfusion_jax import files
+from vidfusion_jax import frames as frame_io
 from vidfusion_jax import inference
 from vidfusion_jax.models import schedule
 
@@ -148,7 +149,7 @@ def _check_output(output: files.Path, overwrite: bool) -> None:
   if output.is_dir() and any(output.iterdir()) and not overwrite:
     raise ValueError(f"--output {output} exists and is not empty; choose a new directory or pass "
                      "--overwrite to replace it")
-  output.parent.mkdir(parents=True, exist_ok=True)
+  frame_io.check_writable_folder(output.parent, "the folder of --output")
 
 
 def _replace_dir(new: files.Path, output: files.Path) -> None:
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       source = {"kind": "torch", "path": str(files.absolute(args.from_torch))}
     manifest = export_model(args.output, name, config, params, dtype=args.dtype, source=source,
                             platforms=args.platforms, overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
+  except (ValueError, OSError, ImportError, KeyError) as error:
     sys.exit(f"error: {error}")
   print(f"exported {name} ({manifest['params']['count']:,} params, {args.dtype}) to "
         f"{args.output}")

@@ -118,6 +118,18 @@ def to_uint8(frames: np.ndarray, *, max_value: float = 1.0, stretch: bool = Fals
   return np.rint(np.clip(frames * np.float32(255.0 / max_value), 0.0, 255.0)).astype(np.uint8)
 
 
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+  """Creates `folder` and writes (then removes) a probe file in it the way outputs are written,
+  so that a read-only or full output folder fails before any compute."""
+  probe = files.as_path(folder) / ".write-probe"
+  try:
+    files.atomic_write(probe, b"probe")
+    probe.unlink()
+  except OSError as error:
+    raise OSError(error.errno, f"{what} {folder} is not writable ({error.strerror or error}); "
+                  "choose another folder or make it writable") from error
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
   """Writes a uint8 RGB frame as PNG, atomically (no half-written file on interruption)."""
   files.atomic_write(path, encode_png(rgb))

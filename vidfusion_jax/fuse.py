@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
   if total == 0:
     raise ValueError(f"no frames to fuse (--ir: {counts['ir']}, --vis: {counts['vis']})")
 
+  frame_io.check_writable_folder(output, "--output")
   settings = window_settings(manifest["model"]["name"], args)
   fuser = inference.Fuser.load(args.model, backend=args.backend, windows=settings,
                                windows_per_call=args.windows_per_call)

@@ -322,6 +322,11 @@ class _PairedFrames:
       return
     ir, vis = as_rgb_frame(ir), as_rgb_frame(vis)
     index = self.count
+    for name, frame in (("infrared", ir), ("visible", vis)):
+      if frame.dtype != np.uint8 and not np.isfinite(frame).all():
+        raise ValueError(f"{name} frame {index} holds {np.size(frame) - np.isfinite(frame).sum()}"
+                         " NaN or infinite values: inputs must be finite (uint8, or float in "
+                         "[0, 1])")
     if self.size is None:
       self.size = ir.shape[:2]
     if ir.shape[:2] != self.size:

@@ -31,6 +31,11 @@ def _no_teachers(config: ml_collections.ConfigDict) -> PyTree:
   return None
 
 
+def _no_teacher_problems(config: ml_collections.ConfigDict) -> list[str]:
+  del config
+  return []
+
+
 def reference_model(name: str) -> Callable[..., nn.Module]:
   """Builder of `models.from_reference_config(name, config.model.config, **overrides)`."""
   def build(model_config: ml_collections.ConfigDict, **overrides) -> nn.Module:
@@ -45,11 +50,13 @@ def reference_model(name: str) -> Callable[..., nn.Module]:
 class Objective:
   """How one model family trains: its network, its loss and its frozen teachers (if any).
 
-  `build_model(config.model, dtype=..., remat=...)` returns the flax module.
+  `build_model(config.model, dtype=..., remat=...)` returns the flax module; `check_teachers`
+  lists what keeps `load_teachers` from working (checked before any compute).
   """
   build_model: Callable[..., nn.Module]
   loss: LossFn
   load_teachers: Callable[[ml_collections.ConfigDict], PyTree] = _no_teachers
+  check_teachers: Callable[[ml_collections.ConfigDict], list[str]] = _no_teacher_problems
 
 
 def _videofusion_loss(outputs, batch, teachers):
@@ -65,16 +72,26 @@ TEMCOCO_TEACHER_SOURCES = (
     "alone")
 
 
+def _temcoco_teacher_problems(config: ml_collections.ConfigDict) -> list[str]:
+  cfg = config.teachers
+  if not cfg.distillation:
+    return []
+  absent = [f"teachers.{k}={cfg[k]!r}" for k in ("vgg19", "dinov2")
+            if not cfg[k] or not files.as_path(cfg[k]).is_file()]
+  if absent:
+    return [f"TemCoCo distillation needs the teacher checkpoint files; missing or not found: "
+            f"{absent}. Get them from {TEMCOCO_TEACHER_SOURCES}"]
+  return []
+
+
 def _temcoco_teachers(config: ml_collections.ConfigDict) -> teacher_models.Teachers | None:
   """Frozen VGG19 / DINOv2 params from the official PyTorch checkpoints named in config.teachers."""
   cfg = config.teachers
   if not cfg.distillation:
     return None
-  absent = [f"teachers.{k}={cfg[k]!r}" for k in ("vgg19", "dinov2")
-            if not cfg[k] or not files.as_path(cfg[k]).is_file()]
-  if absent:
-    raise ValueError(f"TemCoCo distillation needs the teacher checkpoint files; missing or not "
-                     f"found: {absent}. Get them from {TEMCOCO_TEACHER_SOURCES}")
+  problems = _temcoco_teacher_problems(config)
+  if problems:
+    raise ValueError(problems[0])
   vgg = weights.from_torch_state_dict("vgg19", teacher_models.vgg19_features_only(
       weights.load_torch_checkpoint(cfg.vgg19)))
   dino = weights.from_torch_state_dict("dinov2", weights.load_torch_checkpoint(cfg.dinov2))
@@ -95,7 +112,8 @@ def _temcoco_loss(outputs, batch, frozen):
 OBJECTIVES: dict[str, Objective] = {
     "videofusion": Objective(build_model=reference_model("videofusion"), loss=_videofusion_loss),
     "temcoco": Objective(build_model=reference_model("temcoco"), loss=_temcoco_loss,
-                         load_teachers=_temcoco_teachers),
+                         load_teachers=_temcoco_teachers,
+                         check_teachers=_temcoco_teacher_problems),
 }
 
 

@@ -204,14 +204,149 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     out_shardings=replicated))
 
 
-def validate_batch_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def _batch_problems(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[str]:
   shards = sharding.batch_shard_count(mesh, config.sharding.batch_axes)
   per_step = shards * config.grad_accum_steps
   if config.batch_size % per_step or config.batch_size % jax.process_count():
-    raise ValueError(
-        f"batch_size {config.batch_size} must be divisible by the batch shards ({shards} over "
-        f"{tuple(config.sharding.batch_axes)}) x grad_accum_steps ({config.grad_accum_steps}) and "
-        f"by the process count ({jax.process_count()})")
+    return [f"batch_size {config.batch_size} must be divisible by the batch shards ({shards} over "
+            f"{tuple(config.sharding.batch_axes)}) x grad_accum_steps ({config.grad_accum_steps})"
+            f" and by the process count ({jax.process_count()})"]
+  return []
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> bool:
+  """Checks the whole config against the dataset, the devices and the files it names, before
+  anything is compiled or loaded; returns whether the run evaluates.
+
+  Raises one ValueError listing every problem with its fix. Evaluation without evaluation data
+  (synthetic clips, or a dataset without `data.eval_split`) is skipped with a warning at start.
+  """
+  problems = _batch_problems(config, mesh)
+  for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+    if config[field] < 1:
+      problems.append(f"{field} is {config[field]}; set --config.{field} to a positive number")
+  if config.eval_every_steps < 0:
+    problems.append(f"eval_every_steps is {config.eval_every_steps}; use 0 to disable evaluation")
+  if config.model.init_checkpoint and not files.as_path(config.model.init_checkpoint).is_file():
+    problems.append(f"model.init_checkpoint {config.model.init_checkpoint!r} is not a file; fix "
+                    "the path or set --config.model.init_checkpoint=''")
+  objective = objectives.get_objective(config.model.name)
+  problems += objective.check_teachers(config)
+  evaluates = bool(config.eval_every_steps)
+  if config.data.source == "synthetic":
+    if evaluates:
+      logging.warning("data.source='synthetic' has no evaluation data: evaluation is skipped "
+                      "(set --config.eval_every_steps=0 to silence this)")
+    evaluates = False
+  elif config.data.source == "tfrecord":
+    evaluates = _check_tfrecord_data(config, evaluates, problems)
+  else:
+    problems.append(f"data.source must be 'tfrecord' or 'synthetic'; got {config.data.source!r}")
+  if problems:
+    raise ValueError("the training config cannot run:\n" +
+                     "\n".join(f"  - {problem}" for problem in problems))
+  return evaluates
+
+
+def _check_tfrecord_data(config: ml_collections.ConfigDict, evaluates: bool,
+                         problems: list[str]) -> bool:
+  """Appends the problems of `config.data` against the converted dataset; returns whether the run
+  evaluates (`evaluates` and the dataset has the evaluation split)."""
+  path = config.data.path
+  if not path:
+    problems.append("data.path is empty: set --config.data.path to a dataset converted with "
+                    "`python -m data_prep` (or use --config.data.source=synthetic)")
+    return False
+  try:
+    info = data.read_dataset_info(path)
+    splits, stored = info["splits"], info["clip_length"]
+  except (OSError, ValueError) as error:
+    problems.append(f"data.path: {error}")
+    return False
+  except (KeyError, TypeError) as error:
+    problems.append(f"data.path: the dataset_info.json of {path} lacks {error}; re-run the "
+                    "conversion with `python -m data_prep`")
+    return False
+  train_split = splits.get(config.data.train_split)
+  eval_split = splits.get(config.data.eval_split) if evaluates else None
+  for name, split in ((config.data.train_split, train_split), (config.data.eval_split, eval_split)):
+    problems += _shard_problems(path, name, split)
+  if train_split is None:
+    problems.append(f"{path} has no split {config.data.train_split!r} (it has {sorted(splits)}); "
+                    "set --config.data.train_split or convert one with `--split`")
+  else:
+    if not 1 <= config.data.clip_length <= stored:
+      problems.append(f"data.clip_length {config.data.clip_length} must be in [1, {stored}]: the "
+                      f"records of {path} hold {stored} frames; lower --config.data.clip_length "
+                      "or convert with a longer --clip_length")
+    else:
+      _warn_unsampled_window_starts(config.data.clip_length, stored,
+                                    train_split.get("clip_stride", info.get("clip_stride")), path)
+    smallest = _smallest_frame(train_split)
+    if smallest and config.data.crop_size > min(smallest):
+      problems.append(f"data.crop_size {config.data.crop_size} exceeds the smallest frame "
+                      f"{smallest[0]}x{smallest[1]} of split {config.data.train_split!r}; lower "
+                      "--config.data.crop_size")
+  if evaluates and eval_split is None:
+    logging.warning(
+        "%s has no split %r (it has %s): evaluation is skipped. Convert one with `python -m "
+        "data_prep ... --split %s=SEQUENCES`, set --config.data.eval_split, or set "
+        "--config.eval_every_steps=0 to silence this", path, config.data.eval_split,
+        sorted(splits), config.data.eval_split)
+  if evaluates and eval_split is not None:
+    longest = max((s["num_frames"] for s in eval_split["sequences"].values()), default=0)
+    if config.eval.clip_length > longest:
+      problems.append(f"eval.clip_length {config.eval.clip_length} exceeds the longest sequence "
+                      f"({longest} frames) of split {config.data.eval_split!r}: no evaluation "
+                      "clip; lower --config.eval.clip_length")
+    smallest = _smallest_frame(eval_split)
+    if smallest and config.eval.crop_size > min(smallest):
+      problems.append(f"eval.crop_size {config.eval.crop_size} exceeds the smallest frame "
+                      f"{smallest[0]}x{smallest[1]} of split {config.data.eval_split!r}; lower "
+                      "--config.eval.crop_size (0: full frames)")
+  return eval_split is not None
+
+
+def _shard_problems(path: str, name: str, split: dict[str, Any] | None) -> list[str]:
+  """Shards of a split that are missing or not the size dataset_info.json records."""
+  problems = []
+  for shard in (split or {}).get("shards", []):
+    shard_path = files.as_path(path) / shard["file"]
+    if not shard_path.is_file():
+      problems.append(f"shard {shard['file']} of split {name!r} is missing from {path}; re-run "
+                      "the conversion")
+    elif files.file_size(shard_path) != shard["num_bytes"]:
+      problems.append(f"shard {shard['file']} of split {name!r} is {files.file_size(shard_path)} "
+                      f"bytes, dataset_info.json says {shard['num_bytes']}: it is truncated or "
+                      "was replaced; re-run the conversion")
+  return problems
+
+
+def _smallest_frame(split: dict[str, Any]) -> tuple[int, int] | None:
+  sizes = [(s["height"], s["width"]) for s in split.get("sequences", {}).values()]
+  return min(sizes, key=min) if sizes else None
+
+
+def unsampled_window_starts(window: int, record_length: int, stride: int) -> list[int]:
+  """Offsets (mod `stride`) at which no training window of `window` frames can start.
+
+  Windows start at offsets 0..record_length - window of records that start every `stride`
+  frames, so a sequence frame f can start a window iff f mod stride is one of those offsets
+  (the last record of a sequence, aligned to its end, aside).
+  """
+  return list(range(record_length - window + 1, stride))
+
+
+def _warn_unsampled_window_starts(window: int, record_length: int, stride: int | None,
+                                  path: str) -> None:
+  stride = stride or record_length
+  missing = unsampled_window_starts(window, record_length, stride)
+  if missing:
+    logging.warning(
+        "data.clip_length %d on the %d-frame records of %s (clip stride %d): windows never start "
+        "at frames %s mod %d. Convert with --clip_stride <= %d (or --clip_length >= %d) to "
+        "sample every start", window, record_length, path, stride, missing, stride,
+        record_length - window + 1, window + stride - 1)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -431,10 +566,16 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpointing.Checkpointer,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        devices=None) -> TrainState:
   """Trains `config` in `workdir` (local or `gs://`) up to `config.total_steps`, resuming from its
-  checkpoints."""
+  checkpoints.
+
+  The checkpoint of a step is written before its evaluation, image grid and summaries (after its
+  evaluation only when the best checkpoints are ranked by an evaluation metric). When anything in
+  the loop raises, the last completed step is saved if that is safe, and the exception says what
+  was kept.
+  """
   workdir = files.as_path(workdir)
   mesh = sharding.mesh_from_config(config, devices)
-  validate_batch_config(config, mesh)
+  evaluates = validate_config(config, mesh)
   checkpointing.save_config(workdir, config)
   trainer = make_trainer(config, mesh)
   teachers = trainer.objective.load_teachers(config)
@@ -444,6 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
       best_mode=config.best_metric_mode, async_checkpointing=config.async_checkpointing)
   writer = logging_utils.MetricWriter(workdir)
+  ranks_by_metric = bool(config.keep_best_checkpoints and config.best_metric)
   state = _restore_or_init(trainer, checkpointer, iterator)
   last_saved = checkpointer.latest_step()
   start_step = int(jax.device_get(state.step))
@@ -454,11 +596,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        disable=jax.process_index() != 0, dynamic_ncols=True)
   pending = None  # (step, metrics) not yet checked on the host: keeps the devices busy
   interval_metrics = []  # device metrics of the steps since the last log
+  completed = start_step  # the step whose train state `state` holds
+  position = None  # iterator state before the batch of a step in flight
   try:
     with _Preemption() as preemption:
       for step in range(start_step + 1, config.total_steps + 1):
+        position = iterator.get_state()
         batch = data.to_global_batch(next(iterator), mesh, config.sharding.batch_axes)
         state, metrics = trainer.train_step(state, batch, teachers)
+        completed, position = step, None
         if pending is not None:
           _check_finite(*pending, last_saved)
         pending = (step, metrics)
@@ -473,26 +619,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           scalars["train/steps_per_second"] = progress.format_dict["rate"] or 0.0
           writer.write_scalars(step, scalars)
           progress.set_postfix(loss=f"{scalars['train/loss']:.4f}")
-        eval_metrics = None
-        if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
+        evaluates_now = evaluates and (step % config.eval_every_steps == 0 or is_last)
+        saves_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
+        eval_metrics = grid = None
+        if evaluates_now and saves_now and ranks_by_metric:
           eval_metrics, grid = evaluate(trainer, state.params)
-          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-          _write_grid(workdir, writer, step, grid)
-        if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        if saves_now:
           _check_finite(step, metrics, last_saved)
           if checkpointer.save(step, state, iterator, metrics=eval_metrics,
                                force=is_last or preempted):
             last_saved = step
+        if evaluates_now:
+          if eval_metrics is None:
+            eval_metrics, grid = evaluate(trainer, state.params)
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          _write_grid(workdir, writer, step, grid)
         if preempted:
           checkpointer.wait_until_finished()
           logging.warning("Preempted (SIGTERM): saved checkpoint at step %d; exiting.", step)
           break
+  except BaseException as error:
+    _keep_what_is_safe(error, checkpointer, state, iterator, completed, position, pending)
+    raise
   finally:
     progress.close()
     checkpointer.wait_until_finished()
     checkpointer.close()
     writer.close()
   return state
+
+
+def _keep_what_is_safe(error: BaseException, checkpointer: checkpointing.Checkpointer,
+                       state: TrainState, iterator, completed: int, position, pending) -> None:
+  """After `error` stopped the loop: saves the last completed step when that is safe, and adds a
+  note to the error (and the log) naming the checkpoint that was kept.
+
+  Not saved: a non-finite state, a state whose buffers the failed step consumed, and (with
+  several processes, where a save needs every process) anything.
+  """
+  try:
+    checkpointer.wait_until_finished()
+  except Exception as save_error:  # pylint: disable=broad-exception-caught
+    logging.error("a checkpoint save in progress failed: %r", save_error)
+  reason = None
+  if isinstance(error, NonFiniteLossError):
+    reason = "that state is not finite"
+  elif jax.process_count() > 1:
+    reason = "with several processes a save needs all of them"
+  elif completed == checkpointer.latest_step() or completed == 0:
+    reason = None if completed else "no step completed"
+  elif any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)):
+    reason = "the failed step consumed its buffers"
+  else:
+    try:
+      if pending is not None and pending[0] == completed:
+        _check_finite(*pending, checkpointer.latest_step())
+      if position is not None:  # the failed step took a batch: rewind to the step's position
+        iterator.set_state(position)
+      checkpointer.save(completed, state, iterator, force=True)
+      checkpointer.wait_until_finished()
+    except Exception as save_error:  # pylint: disable=broad-exception-caught
+      reason = f"saving it failed: {save_error!r}"
+  latest = checkpointer.latest_step()
+  if reason is None:
+    note = (f"Kept: checkpoint step {latest} (the last completed step) in "
+            f"{checkpointer.directory}; rerun the same command to resume from it.")
+  else:
+    kept = (f"the latest checkpoint is step {latest} in {checkpointer.directory}"
+            if latest is not None else f"no checkpoint in {checkpointer.directory}")
+    note = f"Kept: {kept}; step {completed} was not saved ({reason})."
+  error.add_note(note)
+  logging.error("Training stopped after step %d by %s: %s. %s", completed,
+                type(error).__name__, error, note)
 
 
 def _write_grid(workdir: files.Path, writer: logging_utils.MetricWriter, step: int,
@@ -547,9 +745,8 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLossError as error:
-    logging.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
+  except (NonFiniteLossError, ValueError, OSError) as error:
+    print("\n".join([f"error: {error}", *getattr(error, "__notes__", [])]), file=sys.stderr)
     sys.exit(1)
 
 

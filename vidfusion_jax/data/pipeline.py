@@ -172,7 +172,7 @@ def iter_sequences(data_dir: str | os.PathLike, split: str, *, degrade: str = "i
   info = source_lib.read_dataset_info(data_dir)
   sequences = source_lib.split_info(info, split, data_dir)["sequences"]
   codec = _codec(tuple(info["streams"]), info["clip_length"])
-  source = source_lib.ClipRecordSource(data_dir, split)
+  source = source_lib.ClipRecordSource(data_dir, split)  # closed when the generator ends
   current, frames, filled_until, position = None, {}, 0, -1
 
   def finish():
@@ -182,22 +182,23 @@ def iter_sequences(data_dir: str | os.PathLike, split: str, *, degrade: str = "i
     rng = np.random.default_rng([seed, position])
     return current, _low_quality(frames, degrade, rng, degrade_options)
 
-  for record in range(len(source)):
-    clip = codec.parse(source[record])
-    if clip.sequence != current:
-      if current is not None:
-        yield finish()
-      current, filled_until, position = clip.sequence, 0, position + 1
-      num_frames = sequences[current]["num_frames"]
-      frames = {s: np.empty((num_frames, clip.height, clip.width, 3), np.uint8)
-                for s in codec.streams}
-    if clip.first_frame > filled_until:
-      raise ValueError(f"sequence {current} of split {split}: frames {filled_until} to "
-                       f"{clip.first_frame - 1} are in no record (records out of order?)")
-    stop = clip.first_frame + clip.num_frames
-    if stop > filled_until:
-      for stream in codec.streams:
-        frames[stream][filled_until:stop] = clip.decode(stream, filled_until - clip.first_frame)
-      filled_until = stop
+  with source:
+    for record in range(len(source)):
+      clip = codec.parse(source[record])
+      if clip.sequence != current:
+        if current is not None:
+          yield finish()
+        current, filled_until, position = clip.sequence, 0, position + 1
+        num_frames = sequences[current]["num_frames"]
+        frames = {s: np.empty((num_frames, clip.height, clip.width, 3), np.uint8)
+                  for s in codec.streams}
+      if clip.first_frame > filled_until:
+        raise ValueError(f"sequence {current} of split {split}: frames {filled_until} to "
+                         f"{clip.first_frame - 1} are in no record (records out of order?)")
+      stop = clip.first_frame + clip.num_frames
+      if stop > filled_until:
+        for stream in codec.streams:
+          frames[stream][filled_until:stop] = clip.decode(stream, filled_until - clip.first_frame)
+        filled_until = stop
   if current is not None:
     yield finish()

@@ -20,7 +20,11 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a converted dataset, or "
                             "its conversion has not finished (re-run `python -m data_prep`)")
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON ({error}): the conversion was interrupted or the "
+                     "file was edited; re-run `python -m data_prep`") from error
 
 
 def split_info(info: dict[str, Any], split: str, data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -36,7 +40,7 @@ class ClipRecordSource:
   read verifies both CRCs of the record; a corrupt record raises `RecordCorruptError` naming the
   shard and the byte offset. Files are opened lazily per process (it is picklable): local shards
   as descriptors read with `os.pread`, shards on an object store as file objects, one reader at
-  a time each.
+  a time each. `close()` (or leaving a `with` block, or garbage collection) closes them.
   """
 
   def __init__(self, data_dir: str | os.PathLike, split: str):
@@ -82,6 +86,23 @@ class ClipRecordSource:
         self._fds[shard] = tfrecord.open_record_file(self._paths[shard])
         self._locks[shard] = threading.Lock()
       return self._fds[shard]
+
+  def close(self) -> None:
+    """Closes this process's shard descriptors (a later read reopens them)."""
+    fds = self._fds if self._pid == os.getpid() else {}
+    self._fds, self._locks = {}, {}
+    for file in fds.values():
+      tfrecord.close_record_file(file)
+
+  def __enter__(self) -> "ClipRecordSource":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def __del__(self) -> None:
+    if getattr(self, "_fds", None):
+      self.close()
 
   def __getstate__(self) -> dict[str, Any]:
     return self.__dict__ | {"_fds": {}, "_locks": {}, "_open_lock": None, "_pid": None}

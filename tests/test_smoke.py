@@ -1,0 +1,77 @@
+"""Smoke tests of the demo and of every benchmark script, at tiny sizes, as subprocesses."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train_standin import REPO
+
+pytestmark = pytest.mark.slow  # each case starts a Python process that compiles a model
+
+
+def _run(args, timeout=900) -> str:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def _json_lines(stdout: str) -> list[dict]:
+  lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+  assert lines, stdout[-3000:]
+  return lines
+
+
+def _assert_positive_rates(record: dict) -> None:
+  """Every timing or rate in a benchmark record is a positive finite number."""
+  timed = {k: v for k, v in record.items()
+           if isinstance(v, (int, float)) and ("second" in k or k.endswith("_s"))}
+  assert timed, record
+  for key, value in timed.items():
+    assert math.isfinite(value) and value > 0, (key, record)
+
+
+def test_demo_at_tiny_size(tmp_path):
+  workdir = tmp_path / "demo"
+  _run(["-m", "vidfusion_jax.demo", f"--workdir={workdir}", "--steps=2", "--frames=4"])
+  assert sorted(p.name for p in (workdir / "fused").iterdir()) == [
+      f"{i:04d}.png" for i in range(4)]
+  summary = json.loads((workdir / "metrics" / "summary.json").read_text())
+  assert set(summary) == {"videofusion", "mean_of_sources"}
+  for method in summary.values():
+    assert method["frames"] == 4
+    assert all(math.isfinite(v) for v in method.values() if isinstance(v, float))
+  assert (workdir / "fused.mp4").stat().st_size > 0
+  assert (workdir / "train" / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.parametrize("script", ["train_step", "inference", "model_forward"])
+def test_benchmark_quick_mode(script):
+  for record in _json_lines(_run([f"benchmarks/{script}.py", "--quick"])):
+    assert record.get("quick", True) is True
+    _assert_positive_rates(record)
+
+
+def test_metrics_benchmark_at_tiny_size():
+  records = _json_lines(_run(["benchmarks/metrics.py", "--height=48", "--width=48", "--batch=2",
+                              "--iters=1"]))
+  assert len(records) == 2
+  for record in records:
+    _assert_positive_rates(record)
+
+
+def test_input_pipeline_benchmark_at_tiny_size(shared, tmp_path):
+  records = _json_lines(_run([
+      "benchmarks/input_pipeline.py", f"--data-root={shared('data/m3svd_mini')}",
+      f"--work-dir={tmp_path}", "--record-clip-length=3", "--clip-length=2", "--crop-size=32",
+      "--batch-size=2", "--workers=0", "--readers=raw", "--seconds=0.5"]))
+  rates = [r for r in records if "reader" in r]
+  assert rates and all(r["reader"] == "raw" for r in rates)
+  for record in rates:
+    _assert_positive_rates(record)
