@@ -51,9 +51,14 @@ def test_demo_at_tiny_size(tmp_path):
   assert (workdir / "train" / "checkpoints" / "2").is_dir()
 
 
-@pytest.mark.parametrize("script", ["train_step", "inference", "model_forward"])
-def test_benchmark_quick_mode(script):
-  for record in _json_lines(_run([f"benchmarks/{script}.py", "--quick"])):
+# One case per script: each extra case is another compile of the network.
+@pytest.mark.parametrize("args", [
+    ["benchmarks/train_step.py", "--quick", "--remat=false", "--dtype=float32", "--steps=1"],
+    ["benchmarks/inference.py", "--quick"],
+    ["benchmarks/model_forward.py", "--quick", "--cases=inference"],
+], ids=["train_step", "inference", "model_forward"])
+def test_benchmark_quick_mode(args):
+  for record in _json_lines(_run(args)):
     assert record.get("quick", True) is True
     _assert_positive_rates(record)
 
@@ -68,9 +73,9 @@ def test_metrics_benchmark_at_tiny_size():
 
 def test_input_pipeline_benchmark_at_tiny_size(shared, tmp_path):
   records = _json_lines(_run([
-      "benchmarks/input_pipeline.py", f"--data-root={shared('data/m3svd_mini')}",
-      f"--work-dir={tmp_path}", "--record-clip-length=3", "--clip-length=2", "--crop-size=32",
-      "--batch-size=2", "--workers=0", "--readers=raw", "--seconds=0.5"]))
+      "benchmarks/input_pipeline.py", f"--data_root={shared('data/m3svd_mini')}",
+      f"--work_dir={tmp_path}", "--record_clip_length=3", "--clip_length=2", "--crop_size=32",
+      "--batch_size=2", "--workers=0", "--readers=raw", "--seconds=0.5"]))
   rates = [r for r in records if "reader" in r]
   assert rates and all(r["reader"] == "raw" for r in rates)
   for record in rates:
