@@ -30,7 +30,6 @@ if _MISSING:
   pytest.skip(f"{_MISSING} not installed (the cloud and test extras)", allow_module_level=True)
 
 from test_train_standin import SCRIPT, assert_params_close, get_config, losses_by_step, register
-from test_train_standin import compilation_cache  # pylint: disable=unused-import
 from test_train_standin import subprocess_env
 from vidfusion_jax import checkpointing
 from vidfusion_jax import data

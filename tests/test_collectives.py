@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from test_train_standin import compilation_cache, subprocess_env  # pylint: disable=unused-import
+from test_train_standin import subprocess_env
 
 REDUCTIONS = ("all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 

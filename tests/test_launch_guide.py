@@ -16,7 +16,6 @@ import textwrap
 import pytest
 
 from test_train_standin import REPO, subprocess_env
-from test_train_standin import compilation_cache  # pylint: disable=unused-import
 
 # A marker of each launch block -> (platform, number of devices of the cluster it describes).
 CLUSTERS = {

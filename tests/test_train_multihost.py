@@ -14,7 +14,7 @@ import pytest
 
 from test_train_distributed import _free_port, _signal_after_step
 from test_train_standin import SCRIPT, assert_params_close, get_config, losses_by_step, register
-from test_train_standin import compilation_cache, subprocess_env  # pylint: disable=unused-import
+from test_train_standin import subprocess_env
 from vidfusion_jax import checkpointing
 from vidfusion_jax import data
 from vidfusion_jax import logging_utils
