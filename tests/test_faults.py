@@ -25,6 +25,7 @@ from vidfusion_jax import checkpointing
 from vidfusion_jax import data
 from vidfusion_jax import evaluate as evaluate_cli
 from vidfusion_jax import export
+from vidfusion_jax import files
 from vidfusion_jax import frames
 from vidfusion_jax import fuse
 from vidfusion_jax import inference
@@ -95,8 +96,8 @@ def _clip(folder: pathlib.Path, num_frames: int, height: int, width: int, seed: 
 
 
 def _fuse_args(model, ir, vis, output, *extra):
-  return fuse.build_parser().parse_args(["--model", str(model), "--ir", str(ir), "--vis",
-                                         str(vis), "--output", str(output), "--quiet", *extra])
+  return fuse.parse_flags([f"--model={model}", f"--ir={ir}", f"--vis={vis}", f"--output={output}",
+                           "--quiet", *extra])
 
 
 def _steps(workdir) -> list[int]:
@@ -461,13 +462,12 @@ def _make_read_only(folder: pathlib.Path, monkeypatch) -> None:
   if os.geteuid() != 0:
     folder.chmod(0o555)
     return
-  mkstemp = frames.tempfile.mkstemp
 
-  def refuse(*args, **kwargs):
-    if pathlib.Path(kwargs.get("dir", "")).resolve() == folder.resolve():
+  def refuse(path, *args, **kwargs):  # the open() of files.AtomicFile's temporary file
+    if pathlib.Path(path).parent.resolve() == folder.resolve():
       raise PermissionError(errno.EACCES, "Permission denied")
-    return mkstemp(*args, **kwargs)
-  monkeypatch.setattr(frames.tempfile, "mkstemp", refuse)
+    return open(path, *args, **kwargs)  # pylint: disable=unspecified-encoding
+  monkeypatch.setattr(files, "open", refuse, raising=False)
 
 
 def test_read_only_output_folder_fails_before_compute(model_dir, torch_state_dict, tmp_path,
