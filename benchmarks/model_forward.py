@@ -6,12 +6,19 @@ mark on CPU, device peak bytes on GPU/TPU), parameter count and achieved FLOP/s 
 549 GFLOP per 640x480 frame forward, backward counted as 2x).
 Host memory is handled as by the fuse command: compiler memory released, large blocks unmapped
 when freed (`vidfusion_jax.host_memory`).
+With --torch_reference=CHECKOUT (a clone of https://github.com/Linfeng-Tang/VideoFusion) each case
+also times the official PyTorch network (float32, random init) on the same shape, in a subprocess
+(benchmarks/torch_reference.py), before the JAX case: inference under torch.no_grad, train as
+forward + the reference's full training loss + backward. Its line has "impl": "torch_reference",
+compile_s null and the subprocess's RSS high-water mark (CUDA: max_memory_allocated); the JAX
+line ("impl": "jax") then carries speedup_vs_torch = its frames_per_s / the reference's.
 
   python benchmarks/model_forward.py                      # official config, both cases, float32
   python benchmarks/model_forward.py --quick              # small shapes, a smoke test
   python benchmarks/model_forward.py --cases=train --train_shape=3,6,128,128 --dtype=bfloat16
   python benchmarks/model_forward.py --model=temcoco   # TemCoCo (train case: fusion loss only)
   python benchmarks/model_forward.py --schedule=plain    # plain modules (models/schedule.py)
+  python benchmarks/model_forward.py --torch_reference=../VideoFusion   # and the PyTorch original
 """
 
 import argparse
@@ -27,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import torch_reference
 from vidfusion_jax import cli
 from vidfusion_jax import host_memory
 from vidfusion_jax import losses
@@ -75,6 +83,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_bool("quick", False, f"smoke test: both shapes become "
                     f"{','.join(map(str, QUICK_SHAPE))}, one timed step", flag_values=fv)
+  torch_reference.define_flags(fv)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.quick:
     args.inference_shape = args.train_shape = QUICK_SHAPE
     args.steps = 1
+  if args.torch_reference:
+    try:
+      args.torch_reference = torch_reference.check(args.torch_reference, args.model)
+    except ValueError as error:
+      cli.usage_error(prog, str(error))
   return args
 
 
@@ -148,6 +162,11 @@ def random_params(name: str, reference_config: dict) -> dict:
       lambda s: jnp.asarray(rng.uniform(-0.05, 0.05, s.shape).astype(np.float32)), shapes)
 
 
+def case_flop(model_name: str, case: str, shape) -> float:
+  """Model FLOPs of one step: the forward, or forward and backward (counted as 2x) for train."""
+  return (1 if case == "inference" else 3) * MODELS[model_name][1] * int(np.prod(shape))
+
+
 def run_case(case: str, shape, model, params, args) -> dict:
   batch, time_, height, width = shape
   rng = np.random.default_rng(0)
@@ -159,7 +178,6 @@ def run_case(case: str, shape, model, params, args) -> dict:
   if case == "inference":
     fn = jax.jit(lambda p, a, b: model.apply({"params": p}, a, b))
     call_args = (params, ir, vi)
-    flop = MODELS[args.model][1] * batch * time_ * height * width
   else:
     def loss(p, a, b):
       outputs = model.apply({"params": p}, a, b)
@@ -168,7 +186,7 @@ def run_case(case: str, shape, model, params, args) -> dict:
       return losses.videofusion_loss(outputs, a, b)[0]
     fn = jax.jit(jax.value_and_grad(loss))
     call_args = (params, ir, vi)
-    flop = 3 * MODELS[args.model][1] * batch * time_ * height * width
+  flop = case_flop(args.model, case, shape)
 
   lowered = fn.lower(*call_args)
   op_count = stablehlo_op_count(lowered)
@@ -190,7 +208,8 @@ def run_case(case: str, shape, model, params, args) -> dict:
               "memory_kind": "device_peak_bytes_in_use_since_process_start"}
   frames = batch * time_
   return {
-      "model": args.model, "case": case, "shape_bthw": list(shape), "dtype": args.dtype,
+      "model": args.model, "case": case, "impl": "jax", "shape_bthw": list(shape),
+      "dtype": args.dtype,
       "remat": bool(args.remat and case == "train"), "schedule": model.schedule,
       "remat_policy": args.remat_policy,
       "device": device.device_kind, "platform": device.platform,
@@ -201,6 +220,27 @@ def run_case(case: str, shape, model, params, args) -> dict:
       "frames_per_s": round(frames / step_s, 4), **memory,
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
       "model_gflop": round(flop / 1e9, 2), "achieved_gflop_per_s": round(flop / step_s / 1e9, 2),
+  }
+
+
+def run_torch_reference_case(case: str, shape, args) -> dict:
+  """The official PyTorch network on `case` (float32, in a subprocess), as a JSON record."""
+  result = torch_reference.measure_in_subprocess(
+      args.torch_reference, "inference" if case == "inference" else "loss_and_grad", shape,
+      MODELS[args.model][0], args.steps, args.torch_threads, jax.default_backend() == "gpu")
+  step_s = result["median_step_s"]
+  flop = case_flop(args.model, case, shape)
+  frames = shape[0] * shape[1]
+  return {
+      "model": args.model, "case": case, "impl": "torch_reference", "shape_bthw": list(shape),
+      "dtype": "float32", "device": result["device"], "platform": result["platform"],
+      "cpu": cpu_model(), "torch": result["torch"], "torch_threads": result["torch_threads"],
+      "torch_reference": result["checkout"], "compile_s": None,
+      "first_step_s": round(result["first_step_s"], 3), "step_s": round(step_s, 4),
+      "s_per_frame": round(step_s / frames, 4), "frames_per_s": round(frames / step_s, 4),
+      "peak_memory_bytes": result["peak_memory_bytes"], "memory_kind": result["memory_kind"],
+      "params": result["params"], "model_gflop": round(flop / 1e9, 2),
+      "achieved_gflop_per_s": round(flop / step_s / 1e9, 2),
   }
 
 
@@ -217,7 +257,15 @@ def main() -> None:
     if "schedule" in model.__dataclass_fields__:
       model = model.clone(schedule=schedule_lib.resolve(args.schedule),
                           remat_policy=args.remat_policy)
-    print(json.dumps(run_case(case, shape, model, params, args)), flush=True)
+    torch_record = None
+    if args.torch_reference:  # first: its process ends before the JAX case allocates
+      torch_record = run_torch_reference_case(case, shape, args)
+      print(json.dumps(torch_record), flush=True)
+    record = run_case(case, shape, model, params, args)
+    if torch_record:
+      record["speedup_vs_torch"] = torch_reference.speedup(record["frames_per_s"],
+                                                           torch_record["frames_per_s"])
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
   python benchmarks/train_step.py            # official config, 3 clips x 6 x 128 x 128 per device
   python benchmarks/train_step.py --quick    # tiny model and clips: checks the script
   python benchmarks/train_step.py --model=temcoco --per_device_batch=3   # TemCoCo recipe clips
+  python benchmarks/train_step.py --torch_reference=../VideoFusion   # and the PyTorch original
 
 Measures `vidfusion_jax.train`'s jitted step (forward, loss, backward, clipping, AdamW) on all
 local devices (mesh data=-1) for every combination of --remat and --dtype, on random clips already
@@ -11,6 +12,13 @@ on the device, in the --schedule of models/schedule.py; prints the step's Stable
 `compiled_bytes` is XLA's estimate for the step (arguments + outputs + temporaries - aliased).
 TemCoCo's step includes its distillation teachers (VGG19 features[:12] and a DINOv2 ViT-L/14, or a
 one-block ViT of the same width with --quick) with random weights.
+With --torch_reference=CHECKOUT (a clone of https://github.com/Linfeng-Tang/VideoFusion) the
+official PyTorch network is first timed on the same model config and global batch, in a subprocess
+(benchmarks/torch_reference.py): forward, its full training loss, backward, clip_grad_norm_ and
+AdamW with the recipe's hyper-parameters, float32, on one device. Its line has
+"impl": "torch_reference", compile_seconds null and peak_bytes of the kind in memory_kind (the
+subprocess's RSS high-water mark on CPU); every JAX line ("impl": "jax") then carries
+speedup_vs_torch = its frames_per_second / the reference's.
 """
 
 import importlib.util
@@ -24,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from model_forward import stablehlo_op_count
+import torch_reference
 from vidfusion_jax import cli
 from vidfusion_jax import data
 from vidfusion_jax import sharding
@@ -96,6 +105,7 @@ def measure(config, steps: int, teachers=None) -> dict:
   stats = jax.local_devices()[0].memory_stats() or {}
   return {
       "schedule": getattr(trainer.model, "schedule", None),
+      "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "stablehlo_ops": stablehlo_op_count(lowered),
       "compile_seconds": round(compile_seconds, 3),
       "step_seconds": step_seconds,
@@ -121,18 +131,57 @@ def define_flags(fv: flags.FlagValues) -> None:
                     "model.schedule (auto: cpu_memory on CPU, plain elsewhere)", flag_values=fv)
   flags.DEFINE_enum("remat_policy", "full", sorted(schedule_lib.REMAT_POLICIES),
                     "jax.checkpoint policy of --remat (plain schedule)", flag_values=fv)
+  torch_reference.define_flags(fv)
+
+
+def measure_torch_reference(config, steps: int, args) -> dict:
+  """The official PyTorch train step on the same model config and clips, as a JSON record."""
+  shape = (config.batch_size, config.data.clip_length, config.data.crop_size,
+           config.data.crop_size)
+  optimizer = {k: config.optimizer[k] for k in
+               ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm")}
+  result = torch_reference.measure_in_subprocess(
+      args.torch_reference, "train_step", shape, config.model.config, steps, args.torch_threads,
+      jax.default_backend() == "gpu", optimizer)
+  return {
+      "benchmark": "train_step", "impl": "torch_reference", "model": args.model,
+      "quick": args.quick, "backend": result["platform"], "device": result["device"],
+      "devices": 1, "global_batch": config.batch_size, "clip_length": config.data.clip_length,
+      "crop_size": config.data.crop_size, "remat": False, "dtype": "float32", "steps": steps,
+      "torch": result["torch"], "torch_threads": result["torch_threads"],
+      "torch_reference": result["checkout"], "compile_seconds": None,
+      "step_seconds": result["mean_step_s"],
+      "frames_per_second": shape[0] * shape[1] / result["mean_step_s"],
+      "peak_bytes": result["peak_memory_bytes"], "memory_kind": result["memory_kind"],
+      "params": result["params"], "loss": result["loss_terms"]["l_total"],
+  }
 
 
 def main():
-  args = cli.parse(None, define_flags, prog="python benchmarks/train_step.py", usage=__doc__)
+  prog = "python benchmarks/train_step.py"
+  args = cli.parse(None, define_flags, prog=prog, usage=__doc__)
   steps = args.steps or (2 if args.quick else 10)
   remats = [v.strip().lower() == "true" for v in args.remat]
+  torch_record = None
+  if args.torch_reference:  # first: its process ends before the JAX steps allocate
+    try:
+      args.torch_reference = torch_reference.check(args.torch_reference, args.model)
+    except ValueError as error:
+      cli.usage_error(prog, str(error))
+    torch_record = measure_torch_reference(
+        _config(args.model, args.quick, args.per_device_batch, False, "float32", args.schedule,
+                args.remat_policy), steps, args)
+    print(json.dumps(torch_record), flush=True)
   for remat, dtype in itertools.product(remats, args.dtype):
     config = _config(args.model, args.quick, args.per_device_batch, remat, dtype, args.schedule,
                      args.remat_policy)
     result = measure(config, steps, _random_teachers(config, args.quick))
+    if torch_record:
+      result["speedup_vs_torch"] = torch_reference.speedup(result["frames_per_second"],
+                                                           torch_record["frames_per_second"])
     print(json.dumps({
-        "benchmark": "train_step", "model": args.model, "quick": args.quick, "backend": jax.default_backend(),
+        "benchmark": "train_step", "impl": "jax", "model": args.model, "quick": args.quick,
+        "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
         "global_batch": config.batch_size, "clip_length": config.data.clip_length,
         "crop_size": config.data.crop_size, "remat": remat, "dtype": dtype, "steps": steps,

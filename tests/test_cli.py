@@ -1,6 +1,7 @@
 """The command-line convention (absl flags, snake_case, old spellings as aliases) and the
 persistent compilation cache of train, fuse and evaluate."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -42,9 +43,11 @@ COMMANDS = {
     "benchmarks/metrics.py": (["benchmarks/metrics.py"], ["--height", "--width", "--iters"]),
     "benchmarks/model_forward.py": (["benchmarks/model_forward.py"],
                                     ["--[no]quick", "--cases", "--inference_shape",
-                                     "--train_shape", "--[no]remat"]),
+                                     "--train_shape", "--[no]remat", "--torch_reference",
+                                     "--torch_threads"]),
     "benchmarks/train_step.py": (["benchmarks/train_step.py"],
-                                 ["--[no]quick", "--per_device_batch", "--remat", "--dtype"]),
+                                 ["--[no]quick", "--per_device_batch", "--remat", "--dtype",
+                                  "--torch_reference", "--torch_threads"]),
 }
 
 
@@ -125,6 +128,30 @@ def test_bad_command_lines_exit_2_with_a_message(capsys):
     assert exit_info.value.code == cli.USAGE_ERROR_STATUS
     err = capsys.readouterr().err
     assert message in err and "--help" in err, err
+
+
+def test_torch_reference_checkout_is_checked_before_compute(capsys, monkeypatch, tmp_path):
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  model_forward = importlib.import_module("model_forward")
+  required = importlib.import_module("torch_reference").REQUIRED_FILES
+  for name in required[1:]:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).touch()
+  cases = [
+      ([f"--torch_reference={tmp_path}"],
+       f"{required[0]} is missing; git clone https://github.com/Linfeng-Tang/VideoFusion"),
+      ([f"--torch_reference={tmp_path / 'absent'}"], "no such directory"),
+      (["--model=temcoco", f"--torch_reference={tmp_path}"], "VideoFusion only"),
+  ]
+  for argv, message in cases:
+    with pytest.raises(SystemExit) as exit_info:
+      model_forward.parse_args(argv)
+    assert exit_info.value.code == cli.USAGE_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert message in err and "--help" in err, err
+  (tmp_path / required[0]).touch()
+  args = model_forward.parse_args([f"--torch_reference={tmp_path}", "--torch_threads=3"])
+  assert (args.torch_reference, args.torch_threads) == (str(tmp_path.resolve()), 3)
 
 
 # A small but not trivial program: compiling it takes about 2 s on a 2-core CPU. The events are

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -11,6 +12,9 @@ import pytest
 from test_train_standin import REPO
 
 pytestmark = pytest.mark.slow  # each case starts a Python process that compiles a model
+
+# A checkout of https://github.com/Linfeng-Tang/VideoFusion, for the --torch_reference cases.
+TORCH_REFERENCE = os.environ.get("VIDFUSION_TORCH_REFERENCE")
 
 
 def _run(args, timeout=900) -> str:
@@ -63,6 +67,28 @@ def test_benchmark_quick_mode(args):
   for record in _json_lines(_run(args)):
     assert record.get("quick", True) is True
     _assert_positive_rates(record)
+
+
+@pytest.mark.skipif(not TORCH_REFERENCE, reason="set VIDFUSION_TORCH_REFERENCE to a checkout of "
+                    "https://github.com/Linfeng-Tang/VideoFusion to time the PyTorch reference")
+@pytest.mark.parametrize("args, rate", [
+    (["benchmarks/model_forward.py", "--quick", "--cases=inference", "--schedule=plain"],
+     "frames_per_s"),
+    (["benchmarks/train_step.py", "--quick", "--remat=false", "--dtype=float32", "--steps=1",
+      "--schedule=plain"], "frames_per_second"),
+], ids=["model_forward", "train_step"])
+def test_benchmark_times_the_torch_reference(args, rate):
+  records = _json_lines(_run([*args, f"--torch_reference={TORCH_REFERENCE}"]))
+  assert sorted(r["impl"] for r in records) == ["jax", "torch_reference"], records
+  jax_record, torch_record = sorted(records, key=lambda r: r["impl"])
+  assert torch_record["torch_reference"] == str(pathlib.Path(TORCH_REFERENCE).resolve())
+  _assert_positive_rates(torch_record)
+  assert torch_record["compile_s" if "compile_s" in torch_record else "compile_seconds"] is None
+  assert torch_record["params"] == jax_record["params"]  # the same network
+  for key in ("shape_bthw", "global_batch", "clip_length", "crop_size"):
+    assert torch_record.get(key) == jax_record.get(key), key
+  assert jax_record["speedup_vs_torch"] == pytest.approx(
+      jax_record[rate] / torch_record[rate], rel=1e-12)
 
 
 def test_metrics_benchmark_at_tiny_size():
