@@ -209,9 +209,8 @@ def run_case(case: str, shape, model, params, args) -> dict:
   frames = batch * time_
   return {
       "model": args.model, "case": case, "impl": "jax", "shape_bthw": list(shape),
-      "dtype": args.dtype,
-      "remat": bool(args.remat and case == "train"), "schedule": model.schedule,
-      "remat_policy": args.remat_policy,
+      "dtype": args.dtype, "remat": bool(args.remat and case == "train"),
+      "schedule": model.schedule, "remat_policy": args.remat_policy,
       "device": device.device_kind, "platform": device.platform,
       "cpu": cpu_model(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "stablehlo_ops": op_count, "compile_s": round(compile_s, 3),

@@ -48,11 +48,14 @@ CONSISTENCY_WEIGHT = 10  # VideoFusionModel's default: the yml gives consistency
 
 
 def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of the benchmarks that take --torch_reference (listed by their --help)."""
+  module_name = "benchmarks/torch_reference.py"
   flags.DEFINE_string("torch_reference", None,
                       "also time the official PyTorch network on the same shapes, from this local "
-                      f"checkout ({CLONE})", flag_values=fv)
+                      f"checkout ({CLONE})", flag_values=fv, module_name=module_name)
   flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads of --torch_reference "
-                       "(default: all cores)", lower_bound=1, flag_values=fv)
+                       "(default: all cores)", lower_bound=1, flag_values=fv,
+                       module_name=module_name)
 
 
 def check(checkout: str, model: str) -> str:
