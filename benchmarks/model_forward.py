@@ -258,6 +258,7 @@ def main() -> None:
                           remat_policy=args.remat_policy)
     torch_record = None
     if args.torch_reference:  # first: its process ends before the JAX case allocates
+      host_memory.release_freed_memory()  # what an earlier case freed, for the subprocess
       torch_record = run_torch_reference_case(case, shape, args)
       print(json.dumps(torch_record), flush=True)
     record = run_case(case, shape, model, params, args)
