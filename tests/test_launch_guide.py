@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent("""
       flag_values(argv)
       config = flag_values.config
       mesh = sharding.mesh_from_config(config, jax.devices()[:num_devices])
-      train.validate_batch_config(config, mesh)
+      assert not train.batch_problems(config, mesh), train.batch_problems(config, mesh)
       trainer = train.make_trainer(config, mesh)
       clips = (config.batch_size, config.data.clip_length, config.data.crop_size,
                config.data.crop_size, 3)

@@ -5,6 +5,7 @@ state and batch get explicit `NamedSharding`s at the jit boundary and XLA propag
 the convolutional models need no per-op sharding annotations.
 """
 
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -48,6 +49,13 @@ def make_mesh(axis_names: Sequence[str], shape: Sequence[int],
 def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh described by `config.mesh.axis_names` and `config.mesh.shape`."""
   return make_mesh(config.mesh.axis_names, config.mesh.shape, devices)
+
+
+def mesh_context(mesh: Mesh | jax.sharding.AbstractMesh):
+  """Context in which a jitted function is traced for `mesh`: `layers.gathered` weights become
+  whole on each device where used."""
+  return jax.sharding.use_abstract_mesh(
+      mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh)
 
 
 def path_name(path) -> str:
@@ -107,6 +115,9 @@ def batch_shard_count(mesh: Mesh, batch_axes: Sequence[str]) -> int:
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$")
 _ARRAY_TYPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
+_CALLEE = re.compile(r"\b(body|to_apply|calls)=%([^\s,]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _type_bytes(hlo_type: str) -> int:
@@ -126,16 +137,30 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
   Each collective counts the size of its full, unsharded side: an all-gather its result, every
   other kind its operands (an all-reduce's buffer, a reduce-scatter's input, what an all-to-all
-  or collective-permute sends). Asynchronous pairs count once, at their `-start`.
+  or collective-permute sends). Asynchronous pairs count once, at their `-start`. A collective in
+  a loop body (a scanned block's gradient reduction) counts once per iteration of the loop's known
+  trip count.
   """
   types: dict[str, str] = {}
-  totals = dict.fromkeys(COLLECTIVES, 0)
+  own: dict[str, dict[str, int]] = {}  # computation -> its own collective bytes
+  callees: dict[str, list[tuple[str, int]]] = {}  # computation -> [(callee, times called)]
+  computation = entry = None
   for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(2)
+      entry = computation if header.group(1) else entry
+      own[computation], callees[computation] = dict.fromkeys(COLLECTIVES, 0), []
+      continue
     match = _INSTRUCTION.match(line)
-    if not match:
+    if not match or computation is None:
       continue
     name, result_type, opcode, rest = match.groups()
     types[name] = result_type
+    trip_count = _TRIP_COUNT.search(rest)
+    for role, callee in _CALLEE.findall(rest):
+      callees[computation].append((callee, int(trip_count.group(1)) if trip_count and role ==
+                                   "body" else 1))
     kind = opcode.removesuffix("-start")
     if kind not in COLLECTIVES:
       continue
@@ -144,10 +169,18 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     if kind == "all-gather":
       # An all-gather-start returns the tuple (operands, results).
       gathered = _type_bytes(result_type)
-      totals[kind] += gathered - operand_bytes if opcode.endswith("-start") else gathered
+      own[computation][kind] += gathered - operand_bytes if opcode.endswith("-start") else gathered
     else:
-      totals[kind] += operand_bytes
-  return totals
+      own[computation][kind] += operand_bytes
+
+  @functools.cache
+  def total(name: str) -> tuple[int, ...]:
+    counts = [own[name][k] for k in COLLECTIVES]
+    for callee, times in callees[name]:
+      counts = [c + times * t for c, t in zip(counts, total(callee))]
+    return tuple(counts)
+
+  return dict(zip(COLLECTIVES, total(entry)))
 
 
 def minimum_collective_bytes(params: PyTree, batch_axes: Sequence[str]) -> dict[str, int]:

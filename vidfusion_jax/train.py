@@ -191,20 +191,31 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   batch_sharding = data.batch_sharding(mesh, config.sharding.batch_axes)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step_fn = make_train_step(model, objective, optimizer, schedule, config.grad_accum_steps)
+
+  def traced_for_mesh(fn: Callable) -> Callable:
+    def traced(*args):
+      with sharding.mesh_context(mesh):
+        return fn(*args)
+    return traced
+
   return Trainer(
       config=config, mesh=mesh, model=model, objective=objective, optimizer=optimizer,
       state_shardings=state_shardings,
       abstract_state=checkpointing.abstract_with_shardings(abstract_state, state_shardings),
       batch_sharding=batch_sharding,
       init_state=jax.jit(init, out_shardings=state_shardings),
-      train_step=jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
+      train_step=jax.jit(traced_for_mesh(step_fn),
+                         in_shardings=(state_shardings, batch_sharding, replicated),
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
-      apply=jax.jit(lambda params, ir, vis: model.apply({"params": params}, ir, vis),
+      apply=jax.jit(traced_for_mesh(
+          lambda params, ir, vis: model.apply({"params": params}, ir, vis)),
                     in_shardings=(state_shardings.params, replicated, replicated),
                     out_shardings=replicated))
 
 
-def _batch_problems(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[str]:
+def batch_problems(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[str]:
+  """What stops `config.batch_size` from splitting over `mesh`'s batch shards, the gradient
+  accumulation steps and the processes (empty when it splits)."""
   shards = sharding.batch_shard_count(mesh, config.sharding.batch_axes)
   per_step = shards * config.grad_accum_steps
   if config.batch_size % per_step or config.batch_size % jax.process_count():
@@ -221,7 +232,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   Raises one ValueError listing every problem with its fix. Evaluation without evaluation data
   (synthetic clips, or a dataset without `data.eval_split`) is skipped with a warning at start.
   """
-  problems = _batch_problems(config, mesh)
+  problems = batch_problems(config, mesh)
   for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
     if config[field] < 1:
       problems.append(f"{field} is {config[field]}; set --config.{field} to a positive number")

@@ -84,6 +84,19 @@ def after(x: Any, dependency: Any) -> Any:
   return tie(x, dependency)
 
 
+def _ordered_vjp(fn: Callable, residuals: Any, cotangent: Any, remat: bool) -> tuple[Any, Any]:
+  """(param cotangents, input cotangents) of `fn(params, *xs)`, computed after `cotangent` exists,
+  the input cotangents after the param cotangents. `residuals` are (params, xs) with `remat` (the
+  forward is recomputed here), else the forward's VJP function."""
+  if remat:
+    params, xs = _after(residuals, cotangent)
+    vjp_fn = jax.vjp(fn, params, *xs)[1]
+  else:
+    vjp_fn = _after(residuals, cotangent)
+  param_grads, *input_grads = vjp_fn(cotangent)
+  return param_grads, _after(input_grads, param_grads)
+
+
 def ordered_call(module: nn.Module, *args: jax.Array, remat: bool = False) -> Any:
   """`module(*args)` whose backward pass runs as one unit, in order; optionally rematerialised.
 
@@ -108,20 +121,50 @@ def ordered_call(module: nn.Module, *args: jax.Array, remat: bool = False) -> An
     return nn.vjp(apply, mdl, *xs)
 
   def backward(residuals, cotangent):
-    if remat:
-      params, xs = _after(residuals, cotangent)
-      _, vjp_fn = jax.vjp(lambda p, *a: template.apply({"params": p}, *a), params, *xs)
-      param_grads, *input_grads = vjp_fn(cotangent)
-      param_grads = {"params": param_grads}
-    else:
-      param_grads, *input_grads = _after(residuals, cotangent)(cotangent)
-    return (param_grads, *_after(input_grads, param_grads))
+    param_grads, input_grads = _ordered_vjp(
+        lambda p, *a: template.apply({"params": p}, *a), residuals, cotangent, remat)
+    return ({"params": param_grads} if remat else param_grads, *input_grads)
 
   return nn.custom_vjp(apply, forward, backward)(module, *args)
 
 
+def ordered_apply(template: nn.Module, params: Any, *args: jax.Array, remat: bool = False) -> Any:
+  """`template.apply({"params": params}, *args)` with the backward of `ordered_call`, for params
+  that are not a module's own (one block's slice of stacked params)."""
+  def fn(p, *xs):
+    return template.apply({"params": p}, *xs)
+
+  @jax.custom_vjp
+  def call(p, *xs):
+    return fn(p, *xs)
+
+  def forward(p, *xs):
+    if remat:
+      return fn(p, *xs), (p, xs)
+    return jax.vjp(fn, p, *xs)
+
+  def backward(residuals, cotangent):
+    param_grads, input_grads = _ordered_vjp(fn, residuals, cotangent, remat)
+    return (param_grads, *input_grads)
+
+  call.defvjp(forward, backward)
+  return call(params, *args)
+
+
 def _call(module: nn.Module, *args: jax.Array) -> Any:
   return module(*args)
+
+
+def gathered(param: jax.Array) -> jax.Array:
+  """`param` whole on every device where it is used: an FSDP-split weight is all-gathered there.
+
+  Without this, XLA propagates a scanned block's weight split into its activations (channels
+  split over "fsdp") and moves whole feature maps between devices. The identity outside
+  `sharding.mesh_context` (single-device inference, tests).
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return param
+  return jax.lax.with_sharding_constraint(param, jax.sharding.PartitionSpec())
 
 
 def scheduled_call(module: nn.Module, *args: jax.Array, schedule: str, remat: bool = False,
@@ -231,7 +274,8 @@ class Conv2d(nn.Module):
     inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,) * len(parts)
     in_features = self.features if depthwise else inputs[0].shape[-1]
     k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, in_features // self.groups, self.features))
+    kernel = gathered(self.param("kernel", self.kernel_init,
+                                 (k, k, in_features // self.groups, self.features)))
     kernels = jnp.split(kernel.astype(self.dtype), splits, axis=-1)
     if self.use_bias:
       bias = self.param("bias", torch_bias_init(k * k * in_features // self.groups),
@@ -268,7 +312,8 @@ class Conv3d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_features = x.shape[-1]
-    kernel = self.param("kernel", torch_kernel_init, (3, 3, 3, in_features, self.features))
+    kernel = gathered(self.param("kernel", torch_kernel_init,
+                                 (3, 3, 3, in_features, self.features)))
     bias = self.param("bias", torch_bias_init(27 * in_features), (self.features,))
     if self.schedule != CPU_MEMORY:
       y = jax.lax.conv_general_dilated(

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import (Conv2d, Conv3d, LayerNorm, apply_head_attention,
-                                         after, head_affinities, leaky_relu, ordered_call,
+                                         after, head_affinities, leaky_relu, ordered_apply,
+                                         ordered_call,
                                          pixel_unshuffle, scheduled_call,
                                          upsample_bilinear_align_corners)
 
@@ -56,16 +57,24 @@ class Scheduled(nn.Module):
   def repeat(self, module: nn.Module, x: jax.Array, length: int) -> jax.Array:
     """`module` applied `length` times in sequence, each time with its own params.
 
-    One `nn.scan`: the params are stacked along a leading axis of size `length` (`weights` maps
-    them to the per-block PyTorch names). In the "plain" schedule the block is traced and compiled
-    once; "cpu_memory" unrolls the loop (XLA:CPU compiles the ordered blocks in a loop far slower).
+    The params are stacked along a leading axis of size `length` (`weights` maps them to the
+    per-block PyTorch names), created by one `nn.scan`. In the "plain" schedule the blocks run as
+    that scan: traced and compiled once. "cpu_memory" applies each block's slice of the stacked
+    params in turn (`ordered_apply`), each slice taken when its block starts: XLA:CPU compiles an
+    unrolled scan twice as slowly, and copies all its slices up front.
     """
+    if self.schedule == schedule_lib.CPU_MEMORY and not self.is_initializing():
+      stacked = self.variables["params"][module.name]
+      template = module.clone(parent=None)
+      for i in range(length):  # Each slice is copied when its block starts, not all at once.
+        params = after(jax.tree.map(lambda p, i=i: p[i], stacked), x)
+        x = ordered_apply(template, params, x, remat=self.remat)
+      return x
+
     def step(block, carry, _):
       return self.call_block(block, carry), None
 
-    unroll = length if self.schedule == schedule_lib.CPU_MEMORY else 1
-    scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
-                   unroll=unroll)
+    scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True}, length=length)
     return scan(module, x, None)[0]
 
 
@@ -239,9 +248,13 @@ class FusionModule(BlockConfig):
   def __call__(self, ir: jax.Array, vi: jax.Array) -> jax.Array:
     block = CrossTransformerBlock(**self.block_kwargs(), name="cross_transformer")
     query = ir + vi
-    if self.schedule != schedule_lib.CPU_MEMORY:  # Both calls as one, over a doubled batch.
-      both = self.call_block(block, jnp.concatenate([query, query]), jnp.concatenate([ir, vi]))
-      return both[:query.shape[0]] + both[query.shape[0]:]
+    if self.schedule != schedule_lib.CPU_MEMORY:
+      # Both calls as one over a doubled batch, interleaved (q0 q0 q1 q1 ...) so that each row's
+      # pair stays in its batch shard: concatenating would move rows between devices.
+      pairs = lambda a, b: jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+      both = self.call_block(block, pairs(query, query), pairs(ir, vi))
+      both = both.reshape(query.shape[0], 2, *both.shape[1:])
+      return both[:, 0] + both[:, 1]
     with_ir = self.call_block(block, query, ir)
     return with_ir + self.call_block(block, *self.after((query, vi), with_ir))
 
