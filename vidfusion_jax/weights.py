@@ -22,6 +22,7 @@ import numpy as np
 
 from vidfusion_jax import files
 from vidfusion_jax import models
+from vidfusion_jax.models import naming
 from vidfusion_jax.models import resnet
 from vidfusion_jax.models import sea_raft
 from vidfusion_jax.models import teachers
@@ -35,15 +36,7 @@ _INDEX_SUFFIX = re.compile(r"^(.*?[A-Za-z])((?:_\d+)+)$")
 
 def torch_name_to_flax_path(name: str, ndim: int) -> FlaxPath:
   """`conv3d_ir_1.module.0.weight` (5-D) -> ('conv3d_ir_1', 'module_0', 'kernel')."""
-  path: list[str] = []
-  for part in name.split("."):
-    if part.isdigit() and path:
-      path[-1] = f"{path[-1]}_{part}"
-    else:
-      path.append(part)
-  if path[-1] == "weight" and ndim >= 4:
-    path[-1] = "kernel"
-  return tuple(path)
+  return naming.torch_name_to_flax_path(name, ndim, kernel_ndims=(4, 5))
 
 
 def flax_path_to_torch_name(path: FlaxPath) -> str:

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax.models import naming
+
 Dtype = Any
 
 CORR_LEVELS = 4
@@ -404,18 +406,9 @@ _INDEX = re.compile(r"^(.*?)((?:_\d+)+)$")
 _BLOCK = re.compile(r"^(cnet|fnet)\.(layer\d+)\.(\d+)\.")
 
 
-def torch_name_to_flax_path(name: str, ndim: int) -> tuple[str, ...]:
-  """`cnet.layer1.0.conv1.weight` -> ('cnet', 'layer1_0', 'conv1', 'kernel'); Linear and conv
-  weights become `kernel`, BatchNorm / LayerNorm weights stay `weight`."""
-  path: list[str] = []
-  for part in name.split("."):
-    if part.isdigit() and path:
-      path[-1] = f"{path[-1]}_{part}"
-    else:
-      path.append(part)
-  if path[-1] == "weight" and ndim in (2, 4):
-    path[-1] = "kernel"
-  return tuple(path)
+# `cnet.layer1.0.conv1.weight` -> ('cnet', 'layer1_0', 'conv1', 'kernel'); Linear and conv weights
+# become `kernel`, BatchNorm / LayerNorm weights stay `weight`.
+torch_name_to_flax_path = functools.partial(naming.torch_name_to_flax_path, kernel_ndims=(2, 4))
 
 
 def flax_path_to_torch_name(path: tuple[str, ...]) -> str:
