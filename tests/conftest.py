@@ -60,3 +60,16 @@ def standin_reference(tmp_path_factory):
   state = train.train_and_evaluate(config, workdir)
   return {"workdir": workdir, "config": config, "losses": losses_by_step(workdir),
           "params": jax.device_get(state.params)}
+
+
+@pytest.fixture(scope="session")
+def records(tmp_path_factory):
+  """A converted synthetic dataset: split train (3 sequences) and val (1), 8 frames of 24x24 each,
+  in records of 4 raw frames."""
+  from vidfusion_jax import data  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("records")
+  for split, sequences in (("train", 3), ("val", 1)):
+    data.make_synthetic_dataset(path, split=split, num_sequences=sequences, num_frames=8,
+                                height=24, width=24, clip_length=4, frame_encoding="raw",
+                                seed=len(split))
+  return path

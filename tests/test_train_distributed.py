@@ -5,6 +5,7 @@ clips and compares with `standin_reference` (one process, one device, uninterrup
 """
 
 import json
+import os
 import pathlib
 import signal
 import socket
@@ -18,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from test_train_standin import SCRIPT, assert_params_close, losses_by_step, subprocess_env
+from test_train_standin import SCRIPT, STANDIN, assert_params_close, losses_by_step
+from test_train_standin import subprocess_env
 from vidfusion_jax import checkpointing
 from vidfusion_jax import sharding
 from vidfusion_jax import train
@@ -34,10 +36,13 @@ MESH_SCRIPT = textwrap.dedent("""
     import test_train_standin as standin
     from vidfusion_jax import train
     standin.register()
-    out, runs = sys.argv[1], json.loads(sys.argv[2])
+    out, runs, model, overrides = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(
+        sys.argv[4])
     specs = {}
     for name, shape, num_devices, accum in runs:
-      config = standin.get_config()
+      config = (standin.get_config() if model == standin.STANDIN else
+                standin.load_config_module(model).get_config("tiny"))
+      config.update_from_flattened_dict(overrides)
       config.mesh.shape = tuple(shape)
       config.grad_accum_steps = accum
       state = train.train_and_evaluate(config, f"{out}/{name}", devices=jax.devices()[:num_devices])
@@ -54,14 +59,22 @@ def _run(args, env, timeout=600, **kwargs):
   return result
 
 
+def run_meshes(out: pathlib.Path, runs, cache: pathlib.Path, model: str = STANDIN,
+               overrides: dict | None = None) -> dict[str, dict[str, str]]:
+  """Trains `model` (the stand-in, or configs/<model>.py:tiny with `overrides`, flattened field
+  names) in one subprocess with 8 simulated devices, in `out/<name>` for each (name, mesh shape,
+  number of devices, grad_accum_steps) of `runs`; returns each run's param partition specs."""
+  _run([sys.executable, "-c", MESH_SCRIPT, str(out), json.dumps(runs), model,
+        json.dumps(overrides or {})], env=subprocess_env(cache, num_devices=8),
+       cwd=pathlib.Path(__file__).resolve().parent, timeout=1800)
+  return json.loads((out / "specs.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def mesh_runs(tmp_path_factory, compilation_cache):
   """The stand-in trained on 8 simulated devices under each mesh of MESH_RUNS."""
   out = tmp_path_factory.mktemp("meshes")
-  tests_dir = pathlib.Path(__file__).resolve().parent
-  _run([sys.executable, "-c", MESH_SCRIPT, str(out), json.dumps(MESH_RUNS)],
-       env=subprocess_env(compilation_cache, num_devices=8), cwd=tests_dir)
-  return out, json.loads((out / "specs.json").read_text())
+  return out, run_meshes(out, MESH_RUNS, compilation_cache)
 
 
 @pytest.mark.parametrize("name", [run[0] for run in MESH_RUNS])
@@ -112,16 +125,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def start_processes(command: list[str], env: dict[str, str],
+                    num_processes: int = 2) -> list[subprocess.Popen]:
+  """`command` (a `vidfusion_jax.train.main` program) as the processes of one JAX job,
+  coordinated over loopback; stderr is piped."""
+  port = _free_port()
+  return [subprocess.Popen(
+      command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+                 f"--process_id={i}"],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+          for i in range(num_processes)]
+
+
 @pytest.mark.multiprocess
 def test_two_processes_match_single_process(tmp_path, compilation_cache, standin_reference):
   """2 processes x 2 CPU devices (gloo collectives, mesh data=2 x fsdp=2) match 1 process."""
-  env = subprocess_env(compilation_cache, num_devices=2)
-  port = _free_port()
-  processes = [subprocess.Popen(
-      SCRIPT + [f"--workdir={tmp_path}", "--config.mesh.shape=(2,2)",
-                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = start_processes(SCRIPT + [f"--workdir={tmp_path}", "--config.mesh.shape=(2,2)"],
+                              subprocess_env(compilation_cache, num_devices=2))
   for process in processes:
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-5000:]
@@ -140,14 +160,19 @@ def _start(workdir, env):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _signal_after_step(process, workdir, min_step: int, signum: int) -> None:
-  """Sends `signum` once `workdir/metrics.jsonl` logs `min_step` (the process is mid-training)."""
+def _signal_after_step(process, workdir, min_step: int, signum: int, group: bool = False) -> None:
+  """Sends `signum` once `workdir/metrics.jsonl` logs `min_step` (the process is mid-training);
+  with `group`, to the process group that the process leads (start_new_session=True): the
+  trainer and its data-loading workers, as when a host is lost."""
   deadline = time.monotonic() + 600
   while max(losses_by_step(workdir), default=0) < min_step:
     assert process.poll() is None, f"training ended before step {min_step}: {process.stderr.read()}"
     assert time.monotonic() < deadline
     time.sleep(0.02)
-  process.send_signal(signum)
+  if group:
+    os.killpg(process.pid, signum)
+  else:
+    process.send_signal(signum)
 
 
 @pytest.fixture(scope="module")

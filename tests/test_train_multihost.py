@@ -6,13 +6,12 @@ SIGTERM mid-run, then both processes are restarted and finish.
 """
 
 import signal
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 
-from test_train_distributed import _free_port, _signal_after_step
+from test_train_distributed import _signal_after_step, start_processes
 from test_train_standin import SCRIPT, assert_params_close, get_config, losses_by_step, register
 from test_train_standin import subprocess_env
 from vidfusion_jax import checkpointing
@@ -32,16 +31,6 @@ def _eval_records(workdir) -> dict[int, dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-  path = tmp_path_factory.mktemp("records")
-  for split, sequences in (("train", 3), ("val", 1)):
-    data.make_synthetic_dataset(path, split=split, num_sequences=sequences, num_frames=8,
-                                height=24, width=24, clip_length=4, frame_encoding="raw",
-                                seed=len(split))
-  return path
-
-
-@pytest.fixture(scope="module")
 def one_process(tmp_path_factory, records):
   register()
   workdir = tmp_path_factory.mktemp("one_process")
@@ -51,13 +40,10 @@ def one_process(tmp_path_factory, records):
   return {"workdir": workdir, "params": jax.device_get(state.params)}
 
 
-def _start_processes(workdir, records, env, port):
+def _start_processes(workdir, records, env):
   flags = [f"--config.{k}={v}" for k, v in (OVERRIDES | {"data.path": records}).items()]
-  return [subprocess.Popen(
-      SCRIPT + [f"--workdir={workdir}", "--config.mesh.shape=(2,1)", *flags,
-                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}"],
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  return start_processes(SCRIPT + [f"--workdir={workdir}", "--config.mesh.shape=(2,1)", *flags],
+                         env)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def two_processes(tmp_path_factory, records, compilation_cache):
   """2 processes: SIGTERM to process 1 after step 6, then both restarted to step 20."""
   workdir = tmp_path_factory.mktemp("two_processes")
   env = subprocess_env(compilation_cache, num_devices=1)
-  first = _start_processes(workdir, records, env, _free_port())
+  first = _start_processes(workdir, records, env)
   _signal_after_step(first[1], workdir, 6, signal.SIGTERM)
   first_stderr = [p.communicate(timeout=600)[1] for p in first]
   checkpoints = checkpointing.Checkpointer(workdir, read_only=True).all_steps()
@@ -73,7 +59,7 @@ def two_processes(tmp_path_factory, records, compilation_cache):
              "checkpoints": checkpoints, "iterator_states": sorted(
                  p.name for p in (workdir / "checkpoints" / str(max(checkpoints)) / "data").glob(
                      "*.json"))}
-  second = _start_processes(workdir, records, env, _free_port())
+  second = _start_processes(workdir, records, env)
   second_stderr = [p.communicate(timeout=600)[1] for p in second]
   return {"workdir": workdir, "stopped": stopped,
           "finished": ([p.returncode for p in second], second_stderr)}

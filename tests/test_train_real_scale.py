@@ -1,18 +1,78 @@
-"""The real networks (tiny VideoFusion and TemCoCo configs) on 8 simulated devices.
+"""The real networks (tiny VideoFusion and TemCoCo configs) sharded, on two processes and killed.
 
-A train state initialised under data=2 x fsdp=4 is checkpointed, then restored onto 1 device and
-onto a data=4 x fsdp=2 mesh: the same values, each leaf laid out as the new mesh's rules say.
+tests/test_train_distributed.py proves the training infrastructure on a two-convolution stand-in;
+these cases repeat its key checks on both real networks:
+
+* A train state initialised under data=2 x fsdp=4 is checkpointed, then restored onto 1 device and
+  onto a data=4 x fsdp=2 mesh: the same values, each leaf laid out as the new mesh's rules say.
+* Two training steps under data=2 x fsdp=4 on 8 simulated devices, and as 2 processes x 2 CPU
+  devices (`jax.distributed` over loopback, gloo, mesh data=2 x fsdp=2), give the losses and
+  params of 1 device (rtol 1e-5).
+* A run on converted TFRecords read by 2 Grain worker processes, SIGKILLed together with its
+  workers after a checkpoint and rerun, ends with an uninterrupted run's losses and params, bit
+  for bit.
+
+The training runs use `model.schedule="plain"`: on CPU "auto" picks "cpu_memory", whose explicit
+orderings make the lowered program about three times larger (docs/benchmarks.md) and its compile
+slower, while computing the same functions. TemCoCo trains without distillation: its
+teachers are downloaded VGG19 and DINOv2 ViT-L/14 checkpoints (tests/test_temcoco_train.py trains
+with stand-in teachers). Clips are 2 frames of 16x16: VideoFusion needs at least 2 frames and
+sizes divisible by 4, TemCoCo sizes divisible by 16 (its attention windows are 2x8x8).
 """
 
 import json
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
-from test_train_standin import subprocess_env
+from test_train_distributed import _run, _signal_after_step, run_meshes, start_processes
+from test_train_standin import REPO, assert_params_close, losses_by_step, subprocess_env
+from vidfusion_jax import checkpointing
+
+MODELS = ("videofusion", "temcoco")
+NUM_STEPS = 2  # of the sharded and multi-process runs
+# The resumed run: 8 steps of 2 clips (2.7 epochs of the `records` dataset), a checkpoint every
+# 2 steps, SIGKILL once step 5 is logged (the save of step 4 has started, so that of step 2 is
+# complete: Orbax finishes one asynchronous save before it starts the next).
+RESUME_FIELDS = {"data.source": "tfrecord", "data.worker_count": 2, "batch_size": 2,
+                 "total_steps": 8, "checkpoint_every_steps": 2}
+KILL_AFTER_STEP = 5
+
+
+def overrides(model: str) -> dict:
+  """Fields (flattened names) set on configs/<model>.py:tiny in every training run here."""
+  fields = {"model.schedule": "plain", "data.source": "synthetic", "data.clip_length": 2,
+            "data.crop_size": 16, "batch_size": 8, "total_steps": NUM_STEPS,
+            "log_every_steps": 1, "eval_every_steps": 0}
+  if model == "temcoco":
+    fields["teachers.distillation"] = False
+  return fields
+
+
+def train_command(model: str, workdir: pathlib.Path, fields: dict) -> list[str]:
+  """`python -m vidfusion_jax.train` on configs/<model>.py:tiny with `fields` as config flags."""
+  return [sys.executable, "-m", "vidfusion_jax.train",
+          f"--config={REPO / 'configs' / model}.py:tiny", f"--workdir={workdir}",
+          *(f"--config.{name}={value}" for name, value in fields.items())]
+
+
+def assert_same_training(workdir: pathlib.Path, reference: pathlib.Path, num_steps: int,
+                         rtol: float) -> None:
+  """The logged loss of every step and the final params of two workdirs agree within `rtol`."""
+  losses, expected = losses_by_step(workdir), losses_by_step(reference)
+  steps = list(range(1, num_steps + 1))
+  assert sorted(losses) == sorted(expected) == steps
+  np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=rtol)
+  params, _ = checkpointing.load_params(workdir)
+  expected_params, _ = checkpointing.load_params(reference)
+  assert_params_close(params, expected_params, rtol=rtol, atol=1e-7 if rtol else 0.0)
+
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -68,3 +128,67 @@ def test_fsdp_checkpoint_restores_on_1_device_and_4x2(model, tmp_path, compilati
     assert restored[name]["equal"] == restored[name]["laid_out"] == restored[name]["leaves"], name
   assert restored["1"]["split"] == 0
   assert restored["4x2"]["split"] > 0
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def mesh_runs(request, tmp_path_factory, compilation_cache):
+  """(model, folder, param specs): NUM_STEPS steps on 1 device (folder/1) and under
+  data=2 x fsdp=4 (folder/data2_fsdp4), in one process with 8 simulated devices."""
+  model = request.param
+  out = tmp_path_factory.mktemp(f"{model}_meshes")
+  runs = (("1", (1, 1), 1, 1), ("data2_fsdp4", (2, 4), 8, 1))
+  return model, out, run_meshes(out, runs, compilation_cache, model, overrides(model))
+
+
+@pytest.mark.slow
+def test_data2_fsdp4_matches_1_device(mesh_runs):
+  _, out, specs = mesh_runs
+  assert any("fsdp" in spec for spec in specs["data2_fsdp4"].values())  # the params were split
+  assert_same_training(out / "data2_fsdp4", out / "1", NUM_STEPS, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_1_device(mesh_runs, tmp_path, compilation_cache):
+  model, out, _ = mesh_runs
+  processes = start_processes(train_command(model, tmp_path, overrides(model) | {
+      "mesh.shape": (2, 2)}), subprocess_env(compilation_cache, num_devices=2))
+  for process in processes:
+    _, stderr = process.communicate(timeout=1800)
+    assert process.returncode == 0, stderr[-5000:]
+  assert_same_training(tmp_path, out / "1", NUM_STEPS, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def killed_and_rerun(request, tmp_path_factory, records, compilation_cache):
+  """An uninterrupted run, and a run in another workdir killed (SIGKILL to the trainer and its
+  Grain workers) once step KILL_AFTER_STEP is logged, then rerun to the end."""
+  model = request.param
+  fields = overrides(model) | RESUME_FIELDS | {"data.path": records}
+  env = subprocess_env(compilation_cache)
+  uninterrupted = tmp_path_factory.mktemp(f"{model}_uninterrupted")
+  _run(train_command(model, uninterrupted, fields), env, timeout=1800)
+  workdir = tmp_path_factory.mktemp(f"{model}_killed")
+  killed = subprocess.Popen(train_command(model, workdir, fields), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+  _signal_after_step(killed, workdir, KILL_AFTER_STEP, signal.SIGKILL, group=True)
+  killed.communicate(timeout=600)
+  killed_at = max(losses_by_step(workdir))
+  rerun = subprocess.run(train_command(model, workdir, fields), env=env, capture_output=True,
+                         text=True, timeout=1800)
+  return {"model": model, "uninterrupted": uninterrupted, "workdir": workdir,
+          "killed": killed.returncode, "killed_at": killed_at, "rerun": rerun}
+
+
+@pytest.mark.slow
+def test_sigkill_with_grain_workers_then_rerun_matches_uninterrupted(killed_and_rerun):
+  assert killed_and_rerun["killed"] == -signal.SIGKILL
+  killed_at = killed_and_rerun["killed_at"]
+  assert KILL_AFTER_STEP <= killed_at < RESUME_FIELDS["total_steps"]
+  rerun = killed_and_rerun["rerun"]
+  assert rerun.returncode == 0, rerun.stderr[-5000:]
+  resumed_from = [int(s) for s in re.findall(r"Resuming from checkpoint step (\d+) ", rerun.stderr)]
+  assert len(resumed_from) == 1 and 2 <= resumed_from[0] <= killed_at, rerun.stderr[-5000:]
+  assert_same_training(killed_and_rerun["workdir"], killed_and_rerun["uninterrupted"],
+                       RESUME_FIELDS["total_steps"], rtol=0)
