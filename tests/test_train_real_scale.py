@@ -154,7 +154,7 @@ def test_two_processes_match_1_device(mesh_runs, tmp_path, compilation_cache):
   processes = start_processes(train_command(model, tmp_path, overrides(model) | {
       "mesh.shape": (2, 2)}), subprocess_env(compilation_cache, num_devices=2))
   for process in processes:
-    _, stderr = process.communicate(timeout=1800)
+    _, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stderr[-5000:]
   assert_same_training(tmp_path, out / "1", NUM_STEPS, rtol=1e-5)
 
