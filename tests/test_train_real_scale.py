@@ -34,6 +34,7 @@ import pytest
 from test_train_distributed import _run, _signal_after_step, run_meshes, start_processes
 from test_train_standin import REPO, assert_params_close, losses_by_step, subprocess_env
 from vidfusion_jax import checkpointing
+from vidfusion_jax import logging_utils
 
 MODELS = ("videofusion", "temcoco")
 NUM_STEPS = 2  # of the sharded and multi-process runs
@@ -43,6 +44,9 @@ NUM_STEPS = 2  # of the sharded and multi-process runs
 RESUME_FIELDS = {"data.source": "tfrecord", "data.worker_count": 2, "batch_size": 2,
                  "total_steps": 8, "checkpoint_every_steps": 2}
 KILL_AFTER_STEP = 5
+# Params of differently sharded runs may differ by this fraction of the summed learning rates
+# (see assert_same_training; measured: 0.4% for tiny VideoFusion after 2 steps).
+ADAM_MOVE_FRACTION = 0.01
 
 
 def overrides(model: str) -> dict:
@@ -62,16 +66,36 @@ def train_command(model: str, workdir: pathlib.Path, fields: dict) -> list[str]:
           *(f"--config.{name}={value}" for name, value in fields.items())]
 
 
+def _train_scalars(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
+  """The train/ scalars of every logged step (loss, its terms, gradient and update norms,
+  learning rate; the last record wins when a resumed run relogs a step), without the timing."""
+  return {r["step"]: {k: v for k, v in r.items()
+                      if k.startswith("train/") and k != "train/steps_per_second"}
+          for r in logging_utils.read_metrics(workdir) if "train/loss" in r}
+
+
 def assert_same_training(workdir: pathlib.Path, reference: pathlib.Path, num_steps: int,
                          rtol: float) -> None:
-  """The logged loss of every step and the final params of two workdirs agree within `rtol`."""
-  losses, expected = losses_by_step(workdir), losses_by_step(reference)
+  """Two workdirs logged the same train scalars at every step and saved the same final params,
+  within `rtol` (0: bit for bit).
+
+  With rtol > 0 the params also get an absolute tolerance of ADAM_MOVE_FRACTION of the summed
+  learning rates: Adam moves an element by about lr * g / (|g| + eps) per step, so where the
+  gradient is near eps (1e-8) the rounding of a different reduction order is amplified into a
+  difference that is small against the largest move but not against the param.
+  """
+  scalars, expected = _train_scalars(workdir), _train_scalars(reference)
   steps = list(range(1, num_steps + 1))
-  assert sorted(losses) == sorted(expected) == steps
-  np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=rtol)
+  assert sorted(scalars) == sorted(expected) == steps
+  for step in steps:
+    assert sorted(scalars[step]) == sorted(expected[step])
+    for name, value in expected[step].items():
+      np.testing.assert_allclose(scalars[step][name], value, rtol=rtol, err_msg=f"{name} {step}")
   params, _ = checkpointing.load_params(workdir)
   expected_params, _ = checkpointing.load_params(reference)
-  assert_params_close(params, expected_params, rtol=rtol, atol=1e-7 if rtol else 0.0)
+  moves = sum(expected[step]["train/learning_rate"] for step in steps)
+  assert_params_close(params, expected_params, rtol=rtol,
+                      atol=ADAM_MOVE_FRACTION * moves if rtol else 0.0)
 
 
 SCRIPT = textwrap.dedent("""
