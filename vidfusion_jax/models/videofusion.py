@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import (Conv2d, Conv3d, LayerNorm, apply_head_attention,
                                          after, head_affinities, leaky_relu, ordered_apply,
-                                         ordered_call,
-                                         pixel_unshuffle, scheduled_call,
+                                         ordered_call, pixel_unshuffle, scheduled_call,
                                          upsample_bilinear_align_corners)
 
 Dtype = Any
