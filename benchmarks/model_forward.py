@@ -176,7 +176,8 @@ def run_case(case: str, shape, model, params, args) -> dict:
   rss_reset = reset_peak_rss() if on_cpu else False
 
   if case == "inference":
-    fn = jax.jit(lambda p, a, b: model.apply({"params": p}, a, b))
+    fn = jax.jit(lambda p, a, b: model.apply({"params": p}, a, b),
+                 compiler_options=schedule_lib.compiler_options())
     call_args = (params, ir, vi)
   else:
     def loss(p, a, b):
@@ -184,7 +185,7 @@ def run_case(case: str, shape, model, params, args) -> dict:
       if args.model == "temcoco":
         return losses.temcoco_loss(outputs, a, b, None)[0]
       return losses.videofusion_loss(outputs, a, b)[0]
-    fn = jax.jit(jax.value_and_grad(loss))
+    fn = jax.jit(jax.value_and_grad(loss), compiler_options=schedule_lib.compiler_options())
     call_args = (params, ir, vi)
   flop = case_flop(args.model, case, shape)
 

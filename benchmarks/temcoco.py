@@ -71,7 +71,7 @@ def op_count(lowered: jax.stages.Lowered) -> int:
 def compile_and_time(fn, args, steps: int) -> tuple[float, float]:
   """(compile seconds, median seconds per call after one warm-up call)."""
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn, compiler_options=schedule.compiler_options()).lower(*args).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))
   times = []
@@ -107,7 +107,7 @@ def ops_case(shape, schedule_name: str, compile_too: bool) -> dict:
             "lower_s": round(time.perf_counter() - start, 2)}
   if compile_too:
     start = time.perf_counter()
-    lowered.compile()
+    lowered.compile(schedule.compiler_options())
     result["compile_s"] = round(time.perf_counter() - start, 2)
   return result
 

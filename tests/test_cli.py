@@ -33,6 +33,7 @@ COMMANDS = {
                  ["--ir", "--vis", "--fused", "--output", "--max_frames", "--batch_size",
                   "--ssim_data_range", "--[no]compilation_cache", "--compilation_cache_dir"]),
     "demo": (["-m", "vidfusion_jax.demo"], ["--workdir", "--steps", "--frames"]),
+    "benchmarks/conv_kernels.py": (["benchmarks/conv_kernels.py"], ["--shape", "--iters"]),
     "benchmarks/data_prep.py": (["benchmarks/data_prep.py"],
                                 ["--data_root", "--work_dir", "--repeats", "--[no]quick"]),
     "benchmarks/inference.py": (["benchmarks/inference.py"],

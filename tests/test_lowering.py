@@ -87,3 +87,33 @@ def test_cpu_programs_keep_the_memory_schedule():
   text, module = lower_inference("videofusion", TINY_VIDEOFUSION, (1, 2, 16, 16, 3), "cpu")
   assert module.schedule == schedule_lib.CPU_MEMORY
   assert len(CPU_ONLY.findall(text)) > 100
+
+
+def _ynn_convolutions(compiled_text: str) -> int:
+  """Convolutions inside XLA:CPU's YNNPACK fusions of a compiled module."""
+  bodies = dict(re.findall(r"^%(\S+) \(.*?\{\n(.*?)\n\}", compiled_text, re.M | re.S))
+  callees = re.findall(r"calls=%([^\s,]+),.*\"__ynn_fusion\"", compiled_text)
+  return sum("convolution(" in bodies.get(name, "") for name in callees)
+
+
+def test_cpu_programs_keep_convolutions_out_of_ynnpack():
+  """`schedule.compiler_options` takes convolutions away from YNNPACK on CPU (its weight gradients
+  are 3-4x slower than XLA's, docs/benchmarks.md) and gives the same values."""
+  x = jax.random.normal(jax.random.key(0), (4, 64, 64, 32))
+  kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+
+  def loss(x, kernel):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.tanh(y) ** 2)
+
+  value_and_grads = jax.value_and_grad(loss, argnums=(0, 1))
+  default = jax.jit(value_and_grads).lower(x, kernel).compile()
+  ours = jax.jit(value_and_grads, compiler_options=schedule_lib.compiler_options("cpu")).lower(
+      x, kernel).compile()
+  assert _ynn_convolutions(default.as_text()) > 0, "XLA:CPU no longer gives YNNPACK convolutions"
+  assert _ynn_convolutions(ours.as_text()) == 0
+  assert '"__ynn_fusion"' in ours.as_text()  # reductions and matrix products stay in YNNPACK
+  for a, b in zip(jax.tree.leaves(default(x, kernel)), jax.tree.leaves(ours(x, kernel))):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
+  assert schedule_lib.compiler_options("cuda") == schedule_lib.compiler_options("tpu") == {}

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from test_train_standin import REPO
+from vidfusion_jax.models import schedule as schedule_lib
 
 pytestmark = pytest.mark.slow  # each case starts a Python process that compiles a model
 
@@ -97,6 +98,16 @@ def test_metrics_benchmark_at_tiny_size():
   assert len(records) == 2
   for record in records:
     _assert_positive_rates(record)
+
+
+def test_conv_kernels_benchmark_at_tiny_size():
+  records = _json_lines(_run(["benchmarks/conv_kernels.py", "--shape=2,16,16,8", "--iters=1"]))
+  assert [(r["pass"], r["options"]) for r in records] == [
+      (p, o) for p in ("forward", "input_gradient", "weight_gradient")
+      for o in ("default", "schedule")]
+  for record in records:
+    assert record["gflop_per_s"] > 0 and record["speedup"] > 0
+  assert records[1]["compiler_options"] == schedule_lib.CPU_COMPILER_OPTIONS
 
 
 def test_input_pipeline_benchmark_at_tiny_size(shared, tmp_path):

@@ -29,6 +29,7 @@ from flax import traverse_util
 import vidfusion_jax
 from vidfusion_jax import files
 from vidfusion_jax import host_memory
+from vidfusion_jax.models import schedule as schedule_lib
 
 MANIFEST_FILE = "manifest.json"
 PARAMS_FILE = "params.msgpack"
@@ -269,7 +270,8 @@ def _to_unit_float(x: jax.Array) -> jax.Array:
 @functools.lru_cache(maxsize=8)
 def _compile_step(infer_fn: InferFn, treedef: Any, specs: tuple[Any, ...]) -> jax.stages.Compiled:
   """`infer_fn` on uint8 or float inputs (converted on the device), compiled for one signature."""
-  step = jax.jit(lambda p, ir, vis: infer_fn(p, _to_unit_float(ir), _to_unit_float(vis)))
+  step = jax.jit(lambda p, ir, vis: infer_fn(p, _to_unit_float(ir), _to_unit_float(vis)),
+                 compiler_options=schedule_lib.compiler_options())
   args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                                       for shape, dtype, sharding in specs])
   compiled = step.lower(*args).compile()

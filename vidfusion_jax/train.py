@@ -41,6 +41,7 @@ from vidfusion_jax import metrics
 from vidfusion_jax import objectives
 from vidfusion_jax import sharding
 from vidfusion_jax import weights
+from vidfusion_jax.models import schedule as schedule_lib
 
 PyTree = Any
 STREAMS = ("lq_ir", "lq_vis", "gt_ir", "gt_vis")
@@ -192,6 +193,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step_fn = make_train_step(model, objective, optimizer, schedule, config.grad_accum_steps)
 
+  options = schedule_lib.compiler_options(platform or mesh.devices.flat[0].platform)
+
   def traced_for_mesh(fn: Callable) -> Callable:
     def traced(*args):
       with sharding.mesh_context(mesh):
@@ -206,11 +209,12 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       init_state=jax.jit(init, out_shardings=state_shardings),
       train_step=jax.jit(traced_for_mesh(step_fn),
                          in_shardings=(state_shardings, batch_sharding, replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0,
+                         compiler_options=options),
       apply=jax.jit(traced_for_mesh(
           lambda params, ir, vis: model.apply({"params": params}, ir, vis)),
                     in_shardings=(state_shardings.params, replicated, replicated),
-                    out_shardings=replicated))
+                    out_shardings=replicated, compiler_options=options))
 
 
 def batch_problems(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[str]:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax.models import schedule as schedule_lib
+
 COSINE_EPS = 1e-8
 
 
@@ -28,7 +30,8 @@ class ResNet18Logits:
     from vidfusion_jax.models import resnet  # pylint: disable=import-outside-toplevel
     self.params, self.name = params, name
     model = resnet.ResNet18(params["fc"]["kernel"].shape[-1])
-    self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x),
+                          compiler_options=schedule_lib.compiler_options())
 
   @classmethod
   def from_checkpoint(cls, path: str) -> "ResNet18Logits":

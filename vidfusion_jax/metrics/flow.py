@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidfusion_jax.models import schedule as schedule_lib
+
 
 @runtime_checkable
 class FlowBackend(Protocol):
@@ -83,11 +85,13 @@ class SeaRaftFlow:
 
   def __init__(self, module, params, name: str = "sea_raft"):
     self.module, self.params, self.name = module, params, name
-    self._apply = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b)["flow"])
-    self._features = jax.jit(lambda p, x: module.apply({"params": p}, x,
-                                                       method=module.features))
+    options = schedule_lib.compiler_options()
+    self._apply = jax.jit(lambda p, a, b: module.apply({"params": p}, a, b)["flow"],
+                          compiler_options=options)
+    self._features = jax.jit(lambda p, x: module.apply({"params": p}, x, method=module.features),
+                             compiler_options=options)
     self._apply_features = jax.jit(lambda p, a, b, fa, fb: module.apply(
-        {"params": p}, a, b, fmap1=fa, fmap2=fb)["flow"])
+        {"params": p}, a, b, fmap1=fa, fmap2=fb)["flow"], compiler_options=options)
 
   def pair_flows(self, frames: np.ndarray, index_a: np.ndarray, index_b: np.ndarray,
                  batch_size: int) -> np.ndarray:

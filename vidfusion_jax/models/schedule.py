@@ -11,6 +11,7 @@ are plain `flax.linen` ("plain"), rematerialised by a named `jax.checkpoint` pol
 the host's (lowering for "cuda" or "tpu" from a CPU machine).
 """
 
+import os
 from typing import Callable
 
 import jax
@@ -46,6 +47,24 @@ def for_platforms(schedule: str, platforms) -> str:
   if schedule == AUTO and any(p != "cpu" for p in platforms):
     return PLAIN
   return resolve(schedule, "cpu")
+
+
+# XLA:CPU (jax 0.10) hands matrix products, reductions and large convolutions to YNNPACK by default.
+# On AVX-512 Xeons YNNPACK's weight-gradient convolutions (a window the size of the feature map)
+# run at ~27 GFLOP/s against ~100 in XLA's own kernels, and its input-gradient ones slower too
+# (docs/benchmarks.md): CPU programs keep the default minus the convolutions.
+_YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
+CPU_COMPILER_OPTIONS = {
+    _YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+  """`jax.jit(..., compiler_options=...)` for the networks' programs on `platform` (default: JAX's
+  default backend). Empty off CPU, and when the user sets the YNNPACK fusion types in XLA_FLAGS."""
+  platform = platform or jax.default_backend()
+  if platform != "cpu" or _YNN_FUSION_TYPE in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  return dict(CPU_COMPILER_OPTIONS)
 
 
 def remat_policy(name: str) -> Callable | None:
