@@ -192,7 +192,7 @@ def _sequences(source: str) -> dict[str, list[writer.SequenceSource]]:
     if FLAGS.input is None:
       raise UsageError("--input is required")
     folders = {s: FLAGS[f"{s}_dir"].value for s in sources.M3SVD_FOLDERS}
-    return sources.select_splits(sources.m3svd_sequences(pathlib.Path(FLAGS.input), folders),
+    return sources.select_splits(sources.m3svd_sequences(files.as_path(FLAGS.input), folders),
                                  FLAGS.split or ["train"])
   split = _single_split(source)
   if source == "pairs":
@@ -205,11 +205,14 @@ def _sequences(source: str) -> dict[str, list[writer.SequenceSource]]:
       folders = {"gt_ir": ir, "gt_vis": vis}
     else:
       folders = {"lq_ir": ir, "lq_vis": vis, "gt_ir": FLAGS.ir_clean, "gt_vis": FLAGS.vis_clean}
-    return {split: sources.pair_sequences({s: pathlib.Path(f) for s, f in folders.items()},
+    return {split: sources.pair_sequences({s: files.as_path(f) for s, f in folders.items()},
                                           _single("name"))}
   if source == "videos":
     irs, viss = [pathlib.Path(p) for p in _required("ir")], [pathlib.Path(p)
                                                              for p in _required("vis")]
+    urls = [str(p) for p in (*_required("ir"), *_required("vis")) if files.is_url(p)]
+    if urls:
+      raise UsageError(f"video files must be local (OpenCV reads them): {', '.join(urls)}")
     names = FLAGS.name or [path.stem for path in irs]
     if not len(irs) == len(viss) == len(names):
       raise UsageError(f"got {len(irs)} --ir, {len(viss)} --vis and {len(names)} --name values; "

@@ -10,6 +10,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from vidfusion_jax import files
 from vidfusion_jax import frames as frames_lib
 from vidfusion_jax.data import records
 from vidfusion_jax.data import writer
@@ -21,7 +22,7 @@ M3SVD_FOLDERS = {"lq_ir": "infrared_noise", "lq_vis": "visible_Blur",
 def _frame_size(path: pathlib.Path) -> tuple[int, int]:
   """(height, width) from the image header, without decoding the pixels."""
   try:
-    with Image.open(path) as image:
+    with files.as_path(path).open("rb") as stream, Image.open(stream) as image:
       width, height = image.size
   except (OSError, SyntaxError) as error:
     raise frames_lib.FrameReadError(f"cannot read image {path}: {error}") from error

@@ -204,6 +204,43 @@ def test_conversion_cli_resumes_on_the_bucket(gcs, monkeypatch):
   assert _listing(output) == listing
 
 
+def test_conversion_reads_frame_folders_from_the_bucket(gcs, shared, tmp_path):
+  """`python -m data_prep m3svd --input gs://...` writes the bytes of the same local conversion."""
+  from data_prep import __main__ as data_prep  # pylint: disable=g-import-not-at-top
+  from data_prep import sources  # pylint: disable=g-import-not-at-top
+  root, remote = shared("data/m3svd_mini"), f"{gcs}/m3svd_input"
+  local = tmp_path / "m3svd_input"
+  sequence = sorted(p.name for p in (root / "visible_Enhance").iterdir() if p.is_dir())[0]
+  for folder in sources.M3SVD_FOLDERS.values():
+    for path in frames.list_frame_files(root / folder / sequence)[:3]:
+      for base in (local, remote):
+        files.as_path(f"{base}/{folder}/{sequence}").mkdir(parents=True, exist_ok=True)
+        files.as_path(f"{base}/{folder}/{sequence}/{path.name}").write_bytes(path.read_bytes())
+  outputs = {}
+  for name, source in (("local", local), ("bucket", remote)):
+    outputs[name] = tmp_path / name
+    assert data_prep.main(["m3svd", f"--input={source}", f"--output={outputs[name]}",
+                           "--clip_length=2", "--workers=1", "--noprogress"]) == 0
+  assert _listing(outputs["bucket"]) == _listing(outputs["local"])
+  for file_name in _listing(outputs["local"]):
+    if file_name != "dataset_info.json":  # which records the --input given
+      assert ((outputs["bucket"] / file_name).read_bytes() ==
+              (outputs["local"] / file_name).read_bytes()), file_name
+  infos = {name: json.loads((out / "dataset_info.json").read_text())
+           for name, out in outputs.items()}
+  assert infos["bucket"]["splits"]["train"]["source"].pop("input") == remote
+  assert infos["local"]["splits"]["train"]["source"].pop("input") == str(local)
+  assert infos["bucket"] == infos["local"]
+
+
+def test_video_inputs_must_be_local(gcs, tmp_path, capsys):
+  from data_prep import __main__ as data_prep  # pylint: disable=g-import-not-at-top
+  assert data_prep.main(["videos", f"--ir={gcs}/a.mp4", f"--vis={gcs}/b.mp4",
+                         f"--output={tmp_path}"]) == 2
+  assert f"video files must be local (OpenCV reads them): {gcs}/a.mp4, {gcs}/b.mp4" in (
+      capsys.readouterr().err)
+
+
 def test_random_access_reads_equal_local(datasets):
   local, remote = datasets
   local_source = data.ClipRecordSource(local, "train")

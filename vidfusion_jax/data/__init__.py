@@ -1,15 +1,36 @@
-"""Clip records in TFRecord shards and the Grain input pipeline (see docs/data.md)."""
+"""Clip records in TFRecord shards and the Grain input pipeline (see docs/data.md).
 
-from vidfusion_jax.data.degrade import DegradeOptions
-from vidfusion_jax.data.pipeline import DEGRADE_MODES
-from vidfusion_jax.data.pipeline import ClipTransform
-from vidfusion_jax.data.pipeline import iter_sequences
-from vidfusion_jax.data.pipeline import make_train_dataset
-from vidfusion_jax.data.pipeline import make_train_iterator
-from vidfusion_jax.data.records import STREAMS
-from vidfusion_jax.data.sharding import batch_sharding
-from vidfusion_jax.data.sharding import to_global_batch
-from vidfusion_jax.data.source import ClipRecordSource
-from vidfusion_jax.data.source import read_dataset_info
-from vidfusion_jax.data.synthetic import make_synthetic_dataset
-from vidfusion_jax.data.tfrecord import RecordCorruptError
+The names below load their submodule on first use (PEP 562), so that the conversion workers of
+`data_prep`, which need only the record writer, start without importing Grain and JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "DegradeOptions": "degrade",
+    "DEGRADE_MODES": "pipeline",
+    "ClipTransform": "pipeline",
+    "iter_sequences": "pipeline",
+    "make_train_dataset": "pipeline",
+    "make_train_iterator": "pipeline",
+    "STREAMS": "records",
+    "batch_sharding": "sharding",
+    "to_global_batch": "sharding",
+    "ClipRecordSource": "source",
+    "read_dataset_info": "source",
+    "make_synthetic_dataset": "synthetic",
+    "RecordCorruptError": "tfrecord",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))
