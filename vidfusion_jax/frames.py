@@ -61,15 +61,16 @@ def to_rgb_uint8(image: np.ndarray, name: str = "<array>", bgr: bool = False) ->
     image = (image.astype(np.uint32) * 255 + 32767) // 65535
   elif image.dtype != np.uint8:
     raise FrameReadError(f"{name}: unsupported pixel type {image.dtype}; expected 8- or 16-bit")
-  image = image.astype(np.uint8)
+  image = image.astype(np.uint8, copy=False)
   if image.ndim == 2:
-    image = image[..., None]
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
   channels = image.shape[-1]
   if channels in (1, 2):
     return np.ascontiguousarray(np.repeat(image[..., :1], 3, axis=-1))
+  if channels in (3, 4) and bgr:
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB if channels == 3 else cv2.COLOR_BGRA2RGB)
   if channels in (3, 4):
-    image = image[..., :3]
-    return np.ascontiguousarray(image[..., ::-1] if bgr else image)
+    return np.ascontiguousarray(image[..., :3])
   raise FrameReadError(f"{name}: unsupported channel count {channels}")
 
 
