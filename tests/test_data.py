@@ -229,3 +229,30 @@ def test_global_batch_over_a_four_device_mesh(dataset):
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=pathlib.Path(__file__).parents[1], check=False)
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("streams, clip_length", [(data.STREAMS, 3), (("gt_ir", "gt_vis"), 1)])
+def test_records_are_the_examples_tfds_serializes(streams, clip_length):
+  """ClipCodec builds the tf.train.Example itself; the bytes are those of tfds's serializer."""
+  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  encoded = {s: [rng.bytes(int(rng.integers(1, 5000))) for _ in range(clip_length)]
+             for s in streams}
+  codec = data.records.ClipCodec(streams, clip_length)
+  serializer = example_serializer.ExampleSerializer(
+      data.records._tensor_infos(codec.streams, clip_length))  # pylint: disable=protected-access
+  expected = serializer.get_tf_example(
+      {"sequence": "seq_é".encode(), "first_frame": 7, "num_frames": clip_length, "height": 48,
+       "width": 64, "frame_encoding": b"png", **encoded}).SerializeToString(deterministic=True)
+  assert codec.serialize("seq_é", 7, 48, 64, "png", encoded) == expected
+  with pytest.raises(ValueError, match="expected"):
+    codec.serialize("seq", 0, 48, 64, "png", {**encoded, streams[0]: encoded[streams[0]] * 2})
+
+
+def test_conversion_workers_do_not_import_jax():
+  """A data_prep worker needs the record writer only: no Grain, no JAX (each costs seconds)."""
+  code = ("import sys; import data_prep.sources, vidfusion_jax.data.writer; "
+          "print(sorted({'jax', 'grain'} & set(sys.modules)))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.stdout.strip() == "[]"

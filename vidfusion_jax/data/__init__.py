@@ -21,10 +21,14 @@ _EXPORTS = {
     "make_synthetic_dataset": "synthetic",
     "RecordCorruptError": "tfrecord",
 }
+_SUBMODULES = ("degrade", "pipeline", "records", "sharding", "source", "synthetic", "tfrecord",
+               "writer")
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+  if name in _SUBMODULES:  # `data.records` etc., as when this package imported them all
+    return importlib.import_module(f"{__name__}.{name}")
   if name not in _EXPORTS:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
   value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
@@ -33,4 +37,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_EXPORTS))
+  return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
