@@ -10,14 +10,12 @@ same pass. The default shape is one VideoFusion training batch (3 clips x 6 fram
 """
 
 import json
-import statistics
-import time
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from model_forward import cpu_model
+from temcoco import compile_and_time
 from vidfusion_jax import cli
 from vidfusion_jax.models import schedule as schedule_lib
 
@@ -34,20 +32,6 @@ PASSES = {
 }
 
 
-def measure(fn, options: dict, args, iters: int) -> tuple[float, float]:
-  """(compile seconds, median seconds per call after one warm-up call)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
-
-
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list("shape", ["18", "128", "128", "64"], "N,H,W,C of the input", flag_values=fv)
   flags.DEFINE_integer("iters", 5, "timed calls per case", lower_bound=1, flag_values=fv)
@@ -60,14 +44,15 @@ def main():
   kernel = 0.05 * jax.random.normal(jax.random.key(1), (3, 3, c, c))
   call_args = (x, kernel, _conv(x, kernel))
   flop = 2 * n * h * w * c * c * 9
+  option_sets = {"default": {}, "schedule": schedule_lib.compiler_options()}
   for name, fn in PASSES.items():
-    default_s = None
-    for label, options in (("default", {}), ("schedule", schedule_lib.compiler_options())):
-      compile_s, step_s = measure(fn, options, call_args, args.iters)
-      default_s = default_s or step_s
+    timings = {label: compile_and_time(fn, call_args, args.iters, options)
+               for label, options in option_sets.items()}
+    default_s = timings["default"][1]
+    for label, (compile_s, step_s) in timings.items():
       print(json.dumps({
           "benchmark": "conv_kernels", "pass": name, "options": label,
-          "compiler_options": options, "shape_nhwc": [n, h, w, c], "kernel": [3, 3, c, c],
+          "compiler_options": option_sets[label], "shape_nhwc": [n, h, w, c], "kernel": [3, 3, c, c],
           "device": jax.devices()[0].device_kind, "cpu": cpu_model(), "jax": jax.__version__,
           "compile_s": round(compile_s, 3), "step_s": round(step_s, 5),
           "gflop_per_s": round(flop / step_s / 1e9, 1), "speedup": round(default_s / step_s, 2),

@@ -68,10 +68,12 @@ def op_count(lowered: jax.stages.Lowered) -> int:
   return len(re.findall(r"\b(?:stablehlo|chlo)\.[a-z_]+", lowered.as_text()))
 
 
-def compile_and_time(fn, args, steps: int) -> tuple[float, float]:
-  """(compile seconds, median seconds per call after one warm-up call)."""
+def compile_and_time(fn, args, steps: int, options: dict | None = None) -> tuple[float, float]:
+  """(compile seconds, median seconds per call after one warm-up call), compiled with `options`
+  (default: `schedule.compiler_options()`, as the networks' programs)."""
+  options = schedule.compiler_options() if options is None else options
   start = time.perf_counter()
-  compiled = jax.jit(fn, compiler_options=schedule.compiler_options()).lower(*args).compile()
+  compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))
   times = []
