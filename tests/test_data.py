@@ -233,26 +233,37 @@ def test_global_batch_over_a_four_device_mesh(dataset):
 
 @pytest.mark.parametrize("streams, clip_length", [(data.STREAMS, 3), (("gt_ir", "gt_vis"), 1)])
 def test_records_are_the_examples_tfds_serializes(streams, clip_length):
-  """ClipCodec builds the tf.train.Example itself; the bytes are those of tfds's serializer."""
+  """ClipCodec writes the tf.train.Example's wire format itself: the bytes of tfds's serializer
+  (multi-byte varints in the ints and lengths included), framed as one TFRecord."""
   from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.features import feature  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   encoded = {s: [rng.bytes(int(rng.integers(1, 5000))) for _ in range(clip_length)]
              for s in streams}
   codec = data.records.ClipCodec(streams, clip_length)
+  spec = data.records.feature_spec(codec.streams, clip_length)
   serializer = example_serializer.ExampleSerializer(
-      data.records._tensor_infos(codec.streams, clip_length))  # pylint: disable=protected-access
+      {name: feature.TensorInfo(shape=tuple(f["shape"]),
+                                dtype=np.object_ if f["dtype"] == "string" else np.int64)
+       for name, f in spec.items()})
   expected = serializer.get_tf_example(
-      {"sequence": "seq_é".encode(), "first_frame": 7, "num_frames": clip_length, "height": 48,
-       "width": 64, "frame_encoding": b"png", **encoded}).SerializeToString(deterministic=True)
-  assert codec.serialize("seq_é", 7, 48, 64, "png", encoded) == expected
+      {"sequence": "seq_é".encode(), "first_frame": 1234567, "num_frames": clip_length,
+       "height": 1080, "width": 1920, "frame_encoding": b"png", **encoded}).SerializeToString(
+           deterministic=True)
+  parts = codec.serialized_parts("seq_é", 1234567, 1080, 1920, "png", encoded)
+  assert codec.serialize("seq_é", 1234567, 1080, 1920, "png", encoded) == b"".join(parts)
+  assert b"".join(parts) == expected
+  assert b"".join(data.tfrecord.frame_record(*parts)) == b"".join(
+      data.tfrecord.frame_record(expected))
   with pytest.raises(ValueError, match="expected"):
     codec.serialize("seq", 0, 48, 64, "png", {**encoded, streams[0]: encoded[streams[0]] * 2})
 
 
 def test_conversion_workers_do_not_import_jax():
-  """A data_prep worker needs the record writer only: no Grain, no JAX (each costs seconds)."""
+  """A data_prep worker needs the record writer only: no Grain, no JAX (each costs seconds),
+  no tensorflow-datasets (0.2 s)."""
   code = ("import sys; import data_prep.sources, vidfusion_jax.data.writer; "
-          "print(sorted({'jax', 'grain'} & set(sys.modules)))")
+          "print(sorted({'jax', 'grain', 'tensorflow_datasets'} & set(sys.modules)))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=pathlib.Path(__file__).resolve().parents[1])
   assert result.stdout.strip() == "[]"

@@ -3,9 +3,11 @@
 Each stream is a list of K byte strings, one per frame: a PNG file (`png`, lossless; gray when the
 three channels are equal) or the frame's raw uint8 pixels in (H, W, 3) row-major order (`raw`).
 One item per frame lets a reader decode only the frames of the temporal window it needs.
-Records are serialised with tensorflow-datasets' `ExampleSerializer` and parsed with the
-`tf.train.Example` proto class it ships (its NumPy `ExampleParserNp` would copy every frame of
-every stream out of the proto); TensorFlow itself is never imported.
+Records are written in the protobuf wire format directly (the bytes tensorflow-datasets'
+`ExampleSerializer` gives, checked by tests/test_data.py), as pieces that are framed and written
+without copying the frames, and parsed with the `tf.train.Example` proto class tfds ships (its NumPy
+`ExampleParserNp` would copy every frame of every stream out of the proto); TensorFlow itself is
+never imported, and tfds only when a record is parsed.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import zlib
 from typing import Mapping, Sequence
 
 import numpy as np
-from tensorflow_datasets.core.features import feature as feature_lib
-from tensorflow_datasets.proto import tf_example_pb2
 
 from vidfusion_jax import frames as frames_lib
 
@@ -31,19 +31,41 @@ _HEADER_FEATURES = {"sequence": ((), np.object_), "first_frame": ((), np.int64),
                     "width": ((), np.int64), "frame_encoding": ((), np.object_)}
 
 
-def _tensor_infos(streams: Sequence[str], clip_length: int) -> dict[str, feature_lib.TensorInfo]:
-  infos = {name: feature_lib.TensorInfo(shape=shape, dtype=dtype)
-           for name, (shape, dtype) in _HEADER_FEATURES.items()}
-  infos.update({stream: feature_lib.TensorInfo(shape=(clip_length,), dtype=np.object_)
-                for stream in streams})
-  return infos
-
-
 def feature_spec(streams: Sequence[str], clip_length: int) -> dict[str, dict]:
   """The feature spec as `tf.io.FixedLenFeature` arguments: {name: {"shape", "dtype"}}."""
-  return {name: {"shape": list(info.shape),
-                 "dtype": "string" if info.np_dtype == np.object_ else "int64"}
-          for name, info in _tensor_infos(streams, clip_length).items()}
+  features = dict(_HEADER_FEATURES) | {stream: ((clip_length,), np.object_) for stream in streams}
+  return {name: {"shape": list(shape), "dtype": "string" if dtype == np.object_ else "int64"}
+          for name, (shape, dtype) in features.items()}
+
+
+def _varint(value: int) -> bytes:
+  """Protobuf's base-128 varint; a negative int64 as its 64-bit two's complement."""
+  value &= 0xFFFFFFFFFFFFFFFF
+  out = bytearray()
+  while value > 0x7F:
+    out.append(value & 0x7F | 0x80)
+    value >>= 7
+  out.append(value)
+  return bytes(out)
+
+
+def _delimited(field: int, parts: list[bytes]) -> list[bytes]:
+  """Protobuf field `field` of wire type 2 (length-delimited) holding the bytes of `parts`."""
+  return [_varint(field << 3 | 2), _varint(sum(map(len, parts))), *parts]
+
+
+def _feature(values: Sequence[bytes] | Sequence[int], is_bytes: bool) -> list[bytes]:
+  """A `tf.train.Feature`: a BytesList (field 1) or a packed Int64List (field 3)."""
+  if is_bytes:
+    return _delimited(1, [part for value in values for part in _delimited(1, [value])])
+  return _delimited(3, _delimited(1, [b"".join(map(_varint, values))]))
+
+
+def _example_class():
+  """tfds's `tf.train.Example` proto class, imported on first use: importing tfds takes ~0.2 s,
+  which the conversion workers, which only write records, do not pay."""
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
+  return tf_example_pb2.Example
 
 
 def _is_gray(frame: np.ndarray) -> bool:
@@ -201,11 +223,18 @@ class ClipCodec:
 
   def serialize(self, sequence: str, first_frame: int, height: int, width: int,
                 frame_encoding: str, encoded: Mapping[str, Sequence[bytes]]) -> bytes:
-    """Serialises a clip whose K frames per stream are already encoded.
+    """Serialises a clip whose K frames per stream are already encoded."""
+    return b"".join(self.serialized_parts(sequence, first_frame, height, width, frame_encoding,
+                                          encoded))
 
-    Builds the `tf.train.Example` of `feature_spec` (what tfds's `ExampleSerializer` builds for
-    it, without its per-value conversions: the frames are copied into the proto once).
-    Deterministic: the feature map in key order, not in an order that varies between processes.
+  def serialized_parts(self, sequence: str, first_frame: int, height: int, width: int,
+                       frame_encoding: str, encoded: Mapping[str, Sequence[bytes]]) -> list[bytes]:
+    """`serialize`'s bytes as pieces, the frames among them uncopied.
+
+    The `tf.train.Example` of `feature_spec` as protobuf's deterministic serialisation writes it
+    (the feature map in key order), which is what tfds's `ExampleSerializer` gives for it. Written
+    directly because protobuf's serialiser copies every frame into one buffer, at ~30 ms per
+    record of four 12-frame 640x480 streams.
     """
     for stream in self.streams:
       if len(encoded[stream]) != self.clip_length:
@@ -214,18 +243,17 @@ class ClipCodec:
     header = {"sequence": sequence.encode(), "first_frame": first_frame,
               "num_frames": self.clip_length, "height": height, "width": width,
               "frame_encoding": frame_encoding.encode()}
-    example = tf_example_pb2.Example()
-    feature = example.features.feature
-    for name, (_, dtype) in _HEADER_FEATURES.items():
-      values = feature[name].int64_list if dtype == np.int64 else feature[name].bytes_list
-      values.value.append(header[name])
-    for stream in self.streams:
-      feature[stream].bytes_list.value.extend(encoded[stream])
-    return example.SerializeToString(deterministic=True)
+    features = {name: _feature([header[name]], dtype == np.object_)
+                for name, (_, dtype) in _HEADER_FEATURES.items()}
+    features.update({stream: _feature(encoded[stream], True) for stream in self.streams})
+    entries = [part for name in sorted(features, key=str.encode)
+               for part in _delimited(1, _delimited(1, [name.encode()]) +
+                                      _delimited(2, features[name]))]
+    return _delimited(1, entries)
 
   def parse(self, data: bytes) -> Clip:
     """Parses a record; frames stay encoded, and are copied out of the proto only when used."""
-    features = tf_example_pb2.Example.FromString(data).features.feature
+    features = _example_class().FromString(data).features.feature
     missing = [name for name in (*_HEADER_FEATURES, *self.streams) if name not in features]
     if missing:
       raise ValueError(f"record lacks the features {missing}")

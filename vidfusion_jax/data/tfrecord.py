@@ -33,17 +33,20 @@ class RecordCorruptError(ValueError):
   """A record whose framing or checksum is wrong; the message names the file and byte offset."""
 
 
-def masked_crc32c(data: bytes) -> int:
-  """TFRecord's masked CRC32C: rotate right by 15 bits, add a constant (mod 2**32)."""
-  crc = google_crc32c.value(data)
+def masked_crc32c(*parts: bytes) -> int:
+  """TFRecord's masked CRC32C of the concatenated `parts`: rotate right by 15 bits, add a
+  constant (mod 2**32)."""
+  crc = 0
+  for part in parts:
+    crc = google_crc32c.extend(crc, part)
   return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def frame_record(data: bytes) -> bytes:
-  """The framed bytes of one record."""
-  length = struct.pack("<Q", len(data))
-  return b"".join((length, _FOOTER.pack(masked_crc32c(length)), data,
-                   _FOOTER.pack(masked_crc32c(data))))
+def frame_record(*parts: bytes) -> list[bytes]:
+  """The framed bytes of one record whose data is the concatenation of `parts`, as pieces."""
+  length = struct.pack("<Q", sum(map(len, parts)))
+  return [length, _FOOTER.pack(masked_crc32c(length)), *parts,
+          _FOOTER.pack(masked_crc32c(*parts))]
 
 
 def index_path(shard_path: str | os.PathLike) -> files.Path:
@@ -66,12 +69,15 @@ class ShardWriter:
     self._index: list[tuple[int, int]] = []
     self._offset = 0
 
-  def write(self, data: bytes) -> None:
-    framed = frame_record(data)
-    self._file.write(framed)
-    self._sha256.update(framed)
-    self._index.append((self._offset, len(framed)))
-    self._offset += len(framed)
+  def write(self, *parts: bytes) -> None:
+    """Appends one record whose data is the concatenation of `parts` (never joined in memory)."""
+    size = 0
+    for part in frame_record(*parts):
+      self._file.write(part)
+      self._sha256.update(part)
+      size += len(part)
+    self._index.append((self._offset, size))
+    self._offset += size
 
   def commit(self) -> dict:
     """Closes, renames into place and returns `{num_records, num_bytes, sha256}`."""

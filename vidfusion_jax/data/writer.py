@@ -157,8 +157,8 @@ def write_shard(task: _ShardTask) -> dict:
       try:
         for start, encoded in zip(starts, source.iter_encoded_clips(starts, task.clip_length,
                                                                     task.frame_encoding)):
-          writer.write(codec.serialize(source.name, start, source.height, source.width,
-                                       task.frame_encoding, encoded))
+          writer.write(*codec.serialized_parts(source.name, start, source.height,
+                                               source.width, task.frame_encoding, encoded))
       except Exception as error:
         raise ConversionError(f"sequence {source.name} failed in shard {task.path.name}: "
                               f"{type(error).__name__}: {error}") from error
