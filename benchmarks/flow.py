@@ -11,7 +11,9 @@ nothing is downloaded. Prints JSON lines, all measured in this one run:
   * "vfbench": the whole BiSWE + MS2R evaluation of a --frames clip with `vfbench_temporal`
     (6T flows, features once per frame, compiles included), against the reference's cost
     estimated as 18 flows per frame x its measured seconds per flow (a lower bound: the
-    reference also rebuilds the network twice per frame and warps on top).
+    reference also rebuilds the network twice per frame and warps on top). It also gives the
+    evaluation's FLOPs (XLA's cost analysis of the feature and flow programs), the FLOP rate it
+    achieved, the rate a 10x speedup would need, and this CPU's float32 matmul rate for scale.
 The clip is sequence 0111_1716 of ../shared/data/m3svd_mini when present, else a moving texture.
 """
 
@@ -32,6 +34,7 @@ from vidfusion_jax import models
 from vidfusion_jax import weights
 from vidfusion_jax.metrics import flow as flow_lib
 from vidfusion_jax.metrics import temporal
+from vidfusion_jax.models import schedule
 from vidfusion_jax.models import sea_raft
 
 REFERENCE_FLOWS_PER_FRAME = 18  # BiSWE 10 + MS2R 8 (specs: temporal_vfbench.md C.6)
@@ -83,6 +86,20 @@ def _seconds(fn, reps: int) -> float:
   return best
 
 
+def _gflop(jitted, *args) -> float:
+  """XLA's FLOP count of one call of a jitted function (cost analysis of its compiled program)."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / 1e9
+
+
+def _matmul_gflop_per_s(size: int = 2048, reps: int = 5) -> float:
+  """Float32 GFLOP/s of one (size x size) @ (size x size) product: the CPU's attainable rate."""
+  x = jax.random.normal(jax.random.key(0), (size, size), np.float32)
+  product = jax.jit(lambda a: a @ a, compiler_options=schedule.compiler_options())
+  product(x).block_until_ready()
+  return 2 * size**3 / _seconds(lambda: product(x).block_until_ready(), reps) / 1e9
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--reference", required=True, help="VF-Bench checkout (holds src/model)")
@@ -127,12 +144,27 @@ def main() -> None:
   scores = temporal.vfbench_temporal(fused, ir, vis, flow, batch_size=args.batch)
   jax_total = time.perf_counter() - start
   reference_total = REFERENCE_FLOWS_PER_FRAME * args.frames * torch_s
+  # The two programs of `SeaRaftFlow.pair_flows`: features of each frame, each flow given them.
+  frames = jax.ShapeDtypeStruct((args.batch, args.height, args.width, 3), np.float32)
+  encode = lambda p, x: module.apply({"params": p}, x, method=module.features)
+  features = jax.eval_shape(encode, params, frames)
+  per_image = _gflop(jax.jit(encode), params, frames) / args.batch
+  per_flow = _gflop(jax.jit(lambda p, a, b, fa, fb: module.apply(
+      {"params": p}, a, b, fmap1=fa, fmap2=fb)["flow"]), params, frames, frames, features,
+                    features) / args.batch
+  num_flows = 3 * len(temporal.vfbench_flow_pairs(args.frames))
+  total_gflop = 3 * args.frames * per_image + num_flows * per_flow
   print(json.dumps({
       "bench": "vfbench", "frames": args.frames, "shape": [args.height, args.width],
-      "jax_flows": 6 * args.frames, "jax_total_s_with_compile": round(jax_total, 1),
+      "jax_flows": num_flows, "jax_total_s_with_compile": round(jax_total, 1),
       "reference_flows": REFERENCE_FLOWS_PER_FRAME * args.frames,
       "reference_estimated_s": round(reference_total, 1),
       "speedup": round(reference_total / jax_total, 2),
+      "gflop_per_image_features": round(per_image, 1), "gflop_per_flow_given_features":
+      round(per_flow, 1), "total_gflop": round(total_gflop), "achieved_gflop_per_s":
+      round(total_gflop / jax_total, 1), "gflop_per_s_for_10x":
+      round(total_gflop / (reference_total / 10), 1),
+      "cpu_f32_matmul_gflop_per_s": round(_matmul_gflop_per_s(), 1),
       "BiSWE_mean": float(scores["BiSWE"].mean()), "MS2R_mean": float(scores["MS2R"].mean())}),
       flush=True)
 

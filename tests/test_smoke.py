@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow  # each case starts a Python process that compiles
 
 # A checkout of https://github.com/Linfeng-Tang/VideoFusion, for the --torch_reference cases.
 TORCH_REFERENCE = os.environ.get("VIDFUSION_TORCH_REFERENCE")
+# A checkout of https://github.com/Zhaozixiang1228/VF-Bench, for benchmarks/flow.py.
+VFBENCH_REFERENCE = os.environ.get("VIDFUSION_VFBENCH_REFERENCE")
 
 
 def _run(args, timeout=900) -> str:
@@ -119,3 +121,20 @@ def test_input_pipeline_benchmark_at_tiny_size(shared, tmp_path):
   assert rates and all(r["reader"] == "raw" for r in rates)
   for record in rates:
     _assert_positive_rates(record)
+
+
+@pytest.mark.skipif(not VFBENCH_REFERENCE, reason="set VIDFUSION_VFBENCH_REFERENCE to a checkout "
+                    "of https://github.com/Zhaozixiang1228/VF-Bench to time its SEA-RAFT")
+def test_flow_benchmark_against_vfbench():
+  flow, vfbench = _json_lines(_run(["benchmarks/flow.py", f"--reference={VFBENCH_REFERENCE}",
+                                    "--frames=5", "--height=128", "--width=160", "--batch=2",
+                                    "--reps=1"]))
+  assert flow["max_abs_flow_difference_px"] < 1e-2
+  assert flow["speedup"] == pytest.approx(flow["torch_s_per_flow"] / flow["jax_s_per_flow"],
+                                          rel=0.02)
+  assert vfbench["jax_flows"] == 3 * 10 and vfbench["reference_flows"] == 18 * 5
+  assert vfbench["total_gflop"] == pytest.approx(
+      15 * vfbench["gflop_per_image_features"] + 30 * vfbench["gflop_per_flow_given_features"],
+      rel=0.01, abs=1)
+  for key in ("achieved_gflop_per_s", "gflop_per_s_for_10x", "cpu_f32_matmul_gflop_per_s"):
+    assert vfbench[key] > 0, key

@@ -8,10 +8,10 @@ these cases repeat its key checks on both real networks:
 * Two training steps under data=2 x fsdp=4 on 8 simulated devices, and as 2 processes x 2 CPU
   devices (`jax.distributed` over loopback, gloo, mesh data=2 x fsdp=2), give the logged losses,
   loss terms, gradient and update norms and the params of 1 device (rtol 1e-5; Adam's eps is
-  1e-3 in these runs, see COMPARED_FIELDS; the 2-process run within looser measured bounds).
-* A VideoFusion run on converted TFRecords read by 2 Grain worker processes, SIGKILLed together
-  with its workers after a checkpoint and rerun, ends with an uninterrupted run's losses and
-  params, bit for bit.
+  1e-3 in these runs, see COMPARED_FIELDS).
+* A run of each network on converted TFRecords read by 2 Grain worker processes, SIGKILLed
+  together with its workers after a checkpoint and rerun, ends with an uninterrupted run's losses
+  and params, bit for bit.
 
 The training runs use `model.schedule="plain"`: on CPU "auto" picks "cpu_memory", whose explicit
 orderings make the lowered program about three times larger (docs/benchmarks.md) and its compile
@@ -81,20 +81,16 @@ def _train_scalars(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
 
 
 def assert_same_training(workdir: pathlib.Path, reference: pathlib.Path, num_steps: int,
-                         rtol: float, norm_rtol: float | None = None,
-                         param_atol: float | None = None) -> None:
+                         rtol: float, param_atol: float | None = None) -> None:
   """Two workdirs logged the same train scalars at every step and saved the same final params,
-  within `rtol` (0: bit for bit); the gradient and update norms within `norm_rtol` and the params
-  within `param_atol` when given."""
+  within `rtol` (0: bit for bit) and, on the params, `param_atol` (default 1e-7; 0 for rtol 0)."""
   scalars, expected = _train_scalars(workdir), _train_scalars(reference)
   steps = list(range(1, num_steps + 1))
   assert sorted(scalars) == sorted(expected) == steps
   for step in steps:
     assert sorted(scalars[step]) == sorted(expected[step])
     for name, value in expected[step].items():
-      is_norm = name in ("train/grad_norm", "train/update_norm")
-      np.testing.assert_allclose(scalars[step][name], value,
-                                 rtol=norm_rtol if is_norm and norm_rtol else rtol,
+      np.testing.assert_allclose(scalars[step][name], value, rtol=rtol,
                                  err_msg=f"{name} at step {step}")
   params, _ = checkpointing.load_params(workdir)
   expected_params, _ = checkpointing.load_params(reference)
@@ -186,15 +182,17 @@ def test_two_processes_match_1_device(mesh_runs, tmp_path, compilation_cache):
   for process in processes:
     _, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stderr[-5000:]
-  # Measured against 1 device: losses within 2.4e-7, gradient and update norms within 3.1e-5,
-  # params within 2.9e-6 (VideoFusion; 970 of 1.56M elements beyond rtol 1e-5 + atol 1e-7) and
-  # 1.0e-6 (TemCoCo; 265 of 19.2M), more than data=2 x fsdp=4 in one process, which passes at
-  # rtol 1e-5. Why the gloo run differs more is not yet understood (issue 11).
-  assert_same_training(tmp_path, out / "1", NUM_STEPS, rtol=1e-5, norm_rtol=1e-4,
-                       param_atol=1e-5)
+  # Measured against 1 device (2026-12-01): every logged scalar within rtol 1e-5 (VideoFusion:
+  # 3.8e-7); VideoFusion's params within 6e-8. TemCoCo's: 99.99% of 19.2M elements within 1.5e-8,
+  # but one bias element of SegBranchCombine/Branch_s1/conv2/0/1/.../spatial_conv off by 9.0e-7,
+  # 4.2x rtol 1e-5 + atol 1e-7 (the next worst, that layer's kernel, 0.74x). data=2 x fsdp=4 on 8
+  # devices in one process stays within 1.2e-7 everywhere. Why that layer differs across
+  # processes is not yet found (issue 11), so TemCoCo's params are held to 1e-6 here.
+  assert_same_training(tmp_path, out / "1", NUM_STEPS, rtol=1e-5,
+                       param_atol=1e-6 if model == "temcoco" else None)
 
 
-@pytest.fixture(scope="module", params=["videofusion"])  # 3 min on 2 cores; TemCoCo not yet run
+@pytest.fixture(scope="module", params=MODELS)
 def killed_and_rerun(request, tmp_path_factory, records, compilation_cache):
   """An uninterrupted run, and a run in another workdir killed (SIGKILL to the trainer and its
   Grain workers) once step KILL_AFTER_STEP is logged, then rerun to the end."""
