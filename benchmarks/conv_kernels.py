@@ -52,7 +52,8 @@ def main():
     for label, (compile_s, step_s) in timings.items():
       print(json.dumps({
           "benchmark": "conv_kernels", "pass": name, "options": label,
-          "compiler_options": option_sets[label], "shape_nhwc": [n, h, w, c], "kernel": [3, 3, c, c],
+          "compiler_options": option_sets[label], "shape_nhwc": [n, h, w, c],
+          "kernel": [3, 3, c, c],
           "device": jax.devices()[0].device_kind, "cpu": cpu_model(), "jax": jax.__version__,
           "compile_s": round(compile_s, 3), "step_s": round(step_s, 5),
           "gflop_per_s": round(flop / step_s / 1e9, 1), "speedup": round(default_s / step_s, 2),

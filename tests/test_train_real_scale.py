@@ -53,6 +53,17 @@ KILL_AFTER_STEP = 5
 # near 0, into param differences up to a whole step (measured: 2e-4 on tiny VideoFusion, 2
 # processes). At 1e-3 the amplification is at most 0.2, and the rounding stays rounding.
 COMPARED_FIELDS = {"optimizer.eps": 1e-3}
+# A LeakyReLU's gradient jumps where its pre-activation crosses 0, and another reduction order can
+# move a pre-activation within float32 rounding of 0 to the other side. Tiny TemCoCo's first
+# synthetic batch has four within 1e-6 of 0 (one at 9.3e-10) in channel 93 of
+# SegBranchCombine/Branch_s1/conv2/0/1/main_branch/0/spatial_conv, the only channel of that layer
+# with any. Measured against 1 device (2026-12-01, 2 steps) on a (2, 2) mesh, in 1 process and in
+# 2: every loss term within 3e-7, but the step-2 gradient norm up to 3.3e-5 relative and the
+# params up to 1.0e-6 in the layers behind such a flip (that channel's bias by 9.0e-7 in both
+# runs; in 1 process also DCN_1/fuse_feature); 99.99% of the 19.2M params within 9e-8. So
+# multi-process adds nothing, and TemCoCo's gradient and update norms are compared at rtol 1e-4 and
+# its params at atol 3e-6. VideoFusion stays within the base tolerances in these runs.
+KINK_TOLERANCES = {"temcoco": {"norm_rtol": 1e-4, "param_atol": 3e-6}}
 
 
 def overrides(model: str) -> dict:
@@ -81,16 +92,20 @@ def _train_scalars(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
 
 
 def assert_same_training(workdir: pathlib.Path, reference: pathlib.Path, num_steps: int,
-                         rtol: float, param_atol: float | None = None) -> None:
+                         rtol: float, norm_rtol: float | None = None,
+                         param_atol: float | None = None) -> None:
   """Two workdirs logged the same train scalars at every step and saved the same final params,
-  within `rtol` (0: bit for bit) and, on the params, `param_atol` (default 1e-7; 0 for rtol 0)."""
+  within `rtol` (0: bit for bit); the gradient and update norms within `norm_rtol` and the params
+  within atol `param_atol` (default 1e-7; 0 for rtol 0)."""
   scalars, expected = _train_scalars(workdir), _train_scalars(reference)
   steps = list(range(1, num_steps + 1))
   assert sorted(scalars) == sorted(expected) == steps
   for step in steps:
     assert sorted(scalars[step]) == sorted(expected[step])
     for name, value in expected[step].items():
-      np.testing.assert_allclose(scalars[step][name], value, rtol=rtol,
+      is_norm = name in ("train/grad_norm", "train/update_norm")
+      np.testing.assert_allclose(scalars[step][name], value,
+                                 rtol=norm_rtol if is_norm and norm_rtol else rtol,
                                  err_msg=f"{name} at step {step}")
   params, _ = checkpointing.load_params(workdir)
   expected_params, _ = checkpointing.load_params(reference)
@@ -167,9 +182,10 @@ def mesh_runs(request, tmp_path_factory, compilation_cache):
 
 @pytest.mark.slow
 def test_data2_fsdp4_matches_1_device(mesh_runs):
-  _, out, specs = mesh_runs
+  model, out, specs = mesh_runs
   assert any("fsdp" in spec for spec in specs["data2_fsdp4"].values())  # the params were split
-  assert_same_training(out / "data2_fsdp4", out / "1", NUM_STEPS, rtol=1e-5)
+  assert_same_training(out / "data2_fsdp4", out / "1", NUM_STEPS, rtol=1e-5,
+                       **KINK_TOLERANCES.get(model, {}))
 
 
 @pytest.mark.slow
@@ -182,14 +198,11 @@ def test_two_processes_match_1_device(mesh_runs, tmp_path, compilation_cache):
   for process in processes:
     _, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stderr[-5000:]
-  # Measured against 1 device (2026-12-01): every logged scalar within rtol 1e-5 (VideoFusion:
-  # 3.8e-7); VideoFusion's params within 6e-8. TemCoCo's: 99.99% of 19.2M elements within 1.5e-8,
-  # but one bias element of SegBranchCombine/Branch_s1/conv2/0/1/.../spatial_conv off by 9.0e-7,
-  # 4.2x rtol 1e-5 + atol 1e-7 (the next worst, that layer's kernel, 0.74x). data=2 x fsdp=4 on 8
-  # devices in one process stays within 1.2e-7 everywhere. Why that layer differs across
-  # processes is not yet found (issue 11), so TemCoCo's params are held to 1e-6 here.
+  # Measured against 1 device (2026-12-01): VideoFusion's scalars within 3.8e-7 relative and its
+  # params within 6e-8; TemCoCo's within KINK_TOLERANCES (step-2 gradient norm 1.7e-6, params
+  # 9.0e-7 at the channel named there).
   assert_same_training(tmp_path, out / "1", NUM_STEPS, rtol=1e-5,
-                       param_atol=1e-6 if model == "temcoco" else None)
+                       **KINK_TOLERANCES.get(model, {}))
 
 
 @pytest.fixture(scope="module", params=MODELS)
