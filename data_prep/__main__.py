@@ -208,11 +208,12 @@ def _sequences(source: str) -> dict[str, list[writer.SequenceSource]]:
     return {split: sources.pair_sequences({s: files.as_path(f) for s, f in folders.items()},
                                           _single("name"))}
   if source == "videos":
-    urls = [p for p in (*_required("ir"), *_required("vis")) if files.is_url(p)]
+    ir_paths, vis_paths = _required("ir"), _required("vis")
+    urls = [p for p in (*ir_paths, *vis_paths) if files.is_url(p)]
     if urls:
-      raise UsageError(f"video files must be local (OpenCV reads them): {', '.join(urls)}")
-    irs, viss = [pathlib.Path(p) for p in _required("ir")], [pathlib.Path(p)
-                                                             for p in _required("vis")]
+      raise UsageError(f"video files must be local (OpenCV reads them): {', '.join(urls)}; "
+                       "copy them to a local disk first (frame folders may be URLs)")
+    irs, viss = [pathlib.Path(p) for p in ir_paths], [pathlib.Path(p) for p in vis_paths]
     names = FLAGS.name or [path.stem for path in irs]
     if not len(irs) == len(viss) == len(names):
       raise UsageError(f"got {len(irs)} --ir, {len(viss)} --vis and {len(names)} --name values; "

@@ -237,8 +237,9 @@ def test_video_inputs_must_be_local(gcs, tmp_path, capsys):
   from data_prep import __main__ as data_prep  # pylint: disable=g-import-not-at-top
   assert data_prep.main(["videos", f"--ir={gcs}/a.mp4", f"--vis={gcs}/b.mp4",
                          f"--output={tmp_path}"]) == 2
-  assert f"video files must be local (OpenCV reads them): {gcs}/a.mp4, {gcs}/b.mp4" in (
-      capsys.readouterr().err)
+  err = capsys.readouterr().err
+  assert f"video files must be local (OpenCV reads them): {gcs}/a.mp4, {gcs}/b.mp4" in err
+  assert "copy them to a local disk first" in err
 
 
 def test_random_access_reads_equal_local(datasets):

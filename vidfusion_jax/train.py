@@ -174,7 +174,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   `platform` is the backend the steps are compiled for (default: that of the mesh's devices); with
   an `AbstractMesh` the steps can be lowered for "cuda" or "tpu" without devices.
   """
-  model = objectives.build_model(config.model, platform or mesh.devices.flat[0].platform)
+  platform = platform or mesh.devices.flat[0].platform
+  model = objectives.build_model(config.model, platform)
   objective = objectives.get_objective(config.model.name)
   schedule = learning_rate_schedule(config.optimizer)
   optimizer = make_optimizer(config.optimizer)
@@ -193,7 +194,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step_fn = make_train_step(model, objective, optimizer, schedule, config.grad_accum_steps)
 
-  options = schedule_lib.compiler_options(platform or mesh.devices.flat[0].platform)
+  options = schedule_lib.compiler_options(platform)
 
   def traced_for_mesh(fn: Callable) -> Callable:
     def traced(*args):
