@@ -7,7 +7,8 @@
 
 Measures `vidfusion_jax.train`'s jitted step (forward, loss, backward, clipping, AdamW) on all
 local devices (mesh data=-1) for every combination of --remat and --dtype, on random clips already
-on the device, in the --schedule of models/schedule.py; prints the step's StableHLO op count.
+on the device, in the --schedule of models/schedule.py; prints the step's StableHLO op count and
+`init_seconds`, the compile and run of the train state's initialisation.
 `peak_bytes` is the device allocator's peak (GPU/TPU; null on CPU);
 `compiled_bytes` is XLA's estimate for the step (arguments + outputs + temporaries - aliased).
 TemCoCo's step includes its distillation teachers (VGG19 features[:12] and a DINOv2 ViT-L/14, or a
@@ -88,7 +89,9 @@ def _memory(compiled) -> int | None:
 def measure(config, steps: int, teachers=None) -> dict:
   mesh = sharding.mesh_from_config(config)
   trainer = train.make_trainer(config, mesh)
-  state = trainer.init_state()
+  start = time.perf_counter()
+  state = trainer.init_state.lower().compile()()
+  init_seconds = time.perf_counter() - start
   iterator = train.make_train_iterator(config, trainer.batch_sharding)
   batch = data.to_global_batch(next(iterator), mesh, config.sharding.batch_axes)
   lowered = trainer.train_step.lower(state, batch, teachers)
@@ -108,6 +111,7 @@ def measure(config, steps: int, teachers=None) -> dict:
       "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "stablehlo_ops": stablehlo_op_count(lowered),
       "compile_seconds": round(compile_seconds, 3),
+      "init_seconds": round(init_seconds, 3),
       "step_seconds": step_seconds,
       "frames_per_second": config.batch_size * config.data.clip_length / step_seconds,
       "peak_bytes": stats.get("peak_bytes_in_use"),

@@ -3,6 +3,7 @@ training run used by several modules (built once per session)."""
 
 import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -27,6 +28,22 @@ def shared_file(relative: str) -> pathlib.Path:
       pytest.fail(message)
     pytest.skip(message)
   return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_session_folder(tmp_path_factory):
+  """The session's processes make their temporary files in a folder of its own: Beam's job
+  server leaves a `beam-temp*` folder in the system's temporary folder for every pipeline."""
+  folder = tmp_path_factory.mktemp("tmp")
+  previous = os.environ.get("TMPDIR")
+  os.environ["TMPDIR"] = str(folder)
+  tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+  yield folder
+  if previous is None:
+    del os.environ["TMPDIR"]
+  else:
+    os.environ["TMPDIR"] = previous
+  tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session", autouse=True)

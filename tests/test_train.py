@@ -100,6 +100,26 @@ def test_bfloat16_compute_with_remat(standin_reference, tmp_path):
   assert losses[1] != reference[1]  # the compute really ran in bfloat16
 
 
+def test_init_state_holds_the_default_compile_values():
+  """On CPU the train state's init compiles without LLVM's optimisations
+  (`schedule.init_compiler_options`). The random bits are the same; their scaling, without fused
+  multiply-adds, rounds differently: every leaf is within 2 float32 eps x its largest magnitude
+  of the default compile's (measured on both networks' tiny and official configs: at most 1.56)."""
+  register()
+  config = get_config()
+  trainer = train.make_trainer(config, sharding.mesh_from_config(config))
+  default = jax.jit(trainer.init_state.__wrapped__, out_shardings=trainer.state_shardings)
+  state, expected = trainer.init_state(), default()
+  assert jax.tree.structure(state) == jax.tree.structure(expected)
+  for leaf, expected_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      scale = np.abs(np.asarray(expected_leaf)).max()
+      np.testing.assert_allclose(np.asarray(leaf), np.asarray(expected_leaf), rtol=0,
+                                 atol=2 * np.finfo(np.float32).eps * scale)
+    else:
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected_leaf))
+
+
 def test_tfrecord_training_with_evaluation(tmp_path):
   """Real pipeline: trains on a converted dataset, evaluates, writes the grid and the summaries."""
   register()

@@ -3,12 +3,12 @@
 tests/test_train_distributed.py proves the training infrastructure on a two-convolution stand-in;
 these cases repeat its key checks on both real networks:
 
-* A train state initialised under data=2 x fsdp=4 is checkpointed, then restored onto 1 device and
-  onto a data=4 x fsdp=2 mesh: the same values, each leaf laid out as the new mesh's rules say.
 * Two training steps under data=2 x fsdp=4 on 8 simulated devices, and as 2 processes x 2 CPU
   devices (`jax.distributed` over loopback, gloo, mesh data=2 x fsdp=2), give the logged losses,
   loss terms, gradient and update norms and the params of 1 device (rtol 1e-5; Adam's eps is
   1e-3 in these runs, see COMPARED_FIELDS).
+* The data=2 x fsdp=4 run's checkpoint restores onto 1 device and onto a data=4 x fsdp=2 mesh: the
+  same values, each leaf laid out as the new mesh's rules say.
 * A run of each network on converted TFRecords read by 2 Grain worker processes, SIGKILLed
   together with its workers after a checkpoint and rerun, ends with an uninterrupted run's losses
   and params, bit for bit.
@@ -113,55 +113,79 @@ def assert_same_training(workdir: pathlib.Path, reference: pathlib.Path, num_ste
   assert_params_close(params, expected_params, rtol=rtol, atol=atol)
 
 
-SCRIPT = textwrap.dedent("""
+RESTORE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     import numpy as np
     import test_train_standin as standin
     from vidfusion_jax import checkpointing, sharding, train
-    out, model = sys.argv[1], sys.argv[2]
+    workdir, model, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     config = standin.load_config_module(model).get_config("tiny")
-    config.data.source = "synthetic"
-    config.batch_size = 8
-    config.mesh.shape = (2, 4)
-    trainer = train.make_trainer(config, sharding.mesh_from_config(config))
-    state = trainer.init_state()
-    saved = jax.device_get(state)
-    checkpointer = checkpointing.Checkpointer(out, async_checkpointing=False)
-    checkpointer.save(1, state, force=True)
-    checkpointer.close()
+    config.update_from_flattened_dict(fields)
+    reader = checkpointing.Checkpointer(workdir, read_only=True)
+    step = reader.latest_step()
     split = lambda params: sum(1 for x in jax.tree.leaves(params)
                                if x.sharding.spec != jax.sharding.PartitionSpec())
-    results = {"fsdp_split": split(state.params)}
-    for name, shape, num_devices in (("1", (1, 1), 1), ("4x2", (4, 2), 8)):
+
+    def restore(shape, num_devices):  # the state, and how many leaves the mesh's rules lay out
       config.mesh.shape = shape
-      target = train.make_trainer(config, sharding.mesh_from_config(config,
-                                                                   jax.devices()[:num_devices]))
-      reader = checkpointing.Checkpointer(out, read_only=True)
-      restored = reader.restore(1, target.abstract_state)
-      reader.close()
-      layouts = jax.tree.map(lambda x, s: x.sharding.spec == s.spec and
-                             x.sharding.num_devices == num_devices,
-                             restored, target.state_shardings)
+      trainer = train.make_trainer(config, sharding.mesh_from_config(config,
+                                                                    jax.devices()[:num_devices]))
+      state = reader.restore(step, trainer.abstract_state)
+      laid_out = jax.tree.map(lambda x, s: x.sharding.spec == s.spec and
+                              x.sharding.num_devices == num_devices, state, trainer.state_shardings)
+      return state, sum(jax.tree.leaves(laid_out))
+
+    saved, _ = restore((2, 4), 8)
+    expected = jax.device_get(saved)
+    results = {"step": step, "fsdp_split": split(saved.params)}
+    for name, shape, num_devices in (("1", (1, 1), 1), ("4x2", (4, 2), 8)):
+      state, laid_out = restore(shape, num_devices)
       equal = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                           jax.device_get(restored), saved)
-      results[name] = {"leaves": len(jax.tree.leaves(equal)),
-                       "equal": sum(jax.tree.leaves(equal)),
-                       "laid_out": sum(jax.tree.leaves(layouts)),
-                       "split": split(restored.params)}
+                           jax.device_get(state), expected)
+      results[name] = {"leaves": len(jax.tree.leaves(equal)), "equal": sum(jax.tree.leaves(equal)),
+                       "laid_out": laid_out, "split": split(state.params)}
+    reader.close()
     print(json.dumps(results))
 """)
 
 
+@pytest.fixture(scope="module", params=MODELS)
+def model(request) -> str:
+  """The network of every fixture and test below (pytest runs one model's cases, then the other's)."""
+  return request.param
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(model, tmp_path_factory, compilation_cache) -> dict:
+  """Workdirs of NUM_STEPS steps on 1 device ("1") and under data=2 x fsdp=4 ("data2_fsdp4"), in
+  one process with 8 simulated devices, and the latter's param specs ("specs")."""
+  out = tmp_path_factory.mktemp(f"{model}_meshes")
+  runs = (("1", (1, 1), 1, 1), ("data2_fsdp4", (2, 4), 8, 1))
+  specs = run_meshes(out, runs, compilation_cache, model, overrides(model) | COMPARED_FIELDS)
+  return {"1": out / "1", "data2_fsdp4": out / "data2_fsdp4", "specs": specs["data2_fsdp4"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["videofusion", "temcoco"])
-def test_fsdp_checkpoint_restores_on_1_device_and_4x2(model, tmp_path, compilation_cache):
+def test_data2_fsdp4_matches_1_device(model, mesh_runs):
+  assert any("fsdp" in spec for spec in mesh_runs["specs"].values())  # the params were split
+  assert_same_training(mesh_runs["data2_fsdp4"], mesh_runs["1"], NUM_STEPS, rtol=1e-5,
+                       **KINK_TOLERANCES.get(model, {}))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_restores_on_1_device_and_4x2(model, mesh_runs, compilation_cache):
+  """The data=2 x fsdp=4 run's last checkpoint restores onto 1 device and onto data=4 x fsdp=2:
+  every leaf of the train state equal to its restoration on the mesh that saved it, laid out as
+  the new mesh's rules say."""
   result = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt"), model],
+      [sys.executable, "-c", RESTORE_SCRIPT, str(mesh_runs["data2_fsdp4"]), model,
+       json.dumps(overrides(model) | COMPARED_FIELDS)],
       env=subprocess_env(compilation_cache, num_devices=8),
       cwd=pathlib.Path(__file__).resolve().parent, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-5000:]
   restored = json.loads(result.stdout.strip().splitlines()[-1])
+  assert restored["step"] == NUM_STEPS
   assert restored["fsdp_split"] > 0
   for name in ("1", "4x2"):
     assert restored[name]["equal"] == restored[name]["laid_out"] == restored[name]["leaves"], name
@@ -169,29 +193,9 @@ def test_fsdp_checkpoint_restores_on_1_device_and_4x2(model, tmp_path, compilati
   assert restored["4x2"]["split"] > 0
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def mesh_runs(request, tmp_path_factory, compilation_cache):
-  """(model, folder, param specs): NUM_STEPS steps on 1 device (folder/1) and under
-  data=2 x fsdp=4 (folder/data2_fsdp4), in one process with 8 simulated devices."""
-  model = request.param
-  out = tmp_path_factory.mktemp(f"{model}_meshes")
-  runs = (("1", (1, 1), 1, 1), ("data2_fsdp4", (2, 4), 8, 1))
-  return model, out, run_meshes(out, runs, compilation_cache, model,
-                                overrides(model) | COMPARED_FIELDS)
-
-
-@pytest.mark.slow
-def test_data2_fsdp4_matches_1_device(mesh_runs):
-  model, out, specs = mesh_runs
-  assert any("fsdp" in spec for spec in specs["data2_fsdp4"].values())  # the params were split
-  assert_same_training(out / "data2_fsdp4", out / "1", NUM_STEPS, rtol=1e-5,
-                       **KINK_TOLERANCES.get(model, {}))
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_match_1_device(mesh_runs, tmp_path, compilation_cache):
-  model, out, _ = mesh_runs
+def test_two_processes_match_1_device(model, mesh_runs, tmp_path, compilation_cache):
   processes = start_processes(
       train_command(model, tmp_path, overrides(model) | COMPARED_FIELDS | {"mesh.shape": (2, 2)}),
       subprocess_env(compilation_cache, num_devices=2))
@@ -201,15 +205,14 @@ def test_two_processes_match_1_device(mesh_runs, tmp_path, compilation_cache):
   # Measured against 1 device (2026-12-01): VideoFusion's scalars within 3.8e-7 relative and its
   # params within 6e-8; TemCoCo's within KINK_TOLERANCES (step-2 gradient norm 1.7e-6, params
   # 9.0e-7 at the channel named there).
-  assert_same_training(tmp_path, out / "1", NUM_STEPS, rtol=1e-5,
+  assert_same_training(tmp_path, mesh_runs["1"], NUM_STEPS, rtol=1e-5,
                        **KINK_TOLERANCES.get(model, {}))
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def killed_and_rerun(request, tmp_path_factory, records, compilation_cache):
+@pytest.fixture(scope="module")
+def killed_and_rerun(model, tmp_path_factory, records, compilation_cache):
   """An uninterrupted run, and a run in another workdir killed (SIGKILL to the trainer and its
   Grain workers) once step KILL_AFTER_STEP is logged, then rerun to the end."""
-  model = request.param
   fields = overrides(model) | RESUME_FIELDS | {"data.path": records}
   env = subprocess_env(compilation_cache)
   uninterrupted = tmp_path_factory.mktemp(f"{model}_uninterrupted")
@@ -223,8 +226,8 @@ def killed_and_rerun(request, tmp_path_factory, records, compilation_cache):
   killed_at = max(losses_by_step(workdir))
   rerun = subprocess.run(train_command(model, workdir, fields), env=env, capture_output=True,
                          text=True, timeout=1800)
-  return {"model": model, "uninterrupted": uninterrupted, "workdir": workdir,
-          "killed": killed.returncode, "killed_at": killed_at, "rerun": rerun}
+  return {"uninterrupted": uninterrupted, "workdir": workdir, "killed": killed.returncode,
+          "killed_at": killed_at, "rerun": rerun}
 
 
 @pytest.mark.slow
