@@ -35,15 +35,10 @@ def temporary_files_in_session_folder(tmp_path_factory):
   """The session's processes make their temporary files in a folder of its own: Beam's job
   server leaves a `beam-temp*` folder in the system's temporary folder for every pipeline."""
   folder = tmp_path_factory.mktemp("tmp")
-  previous = os.environ.get("TMPDIR")
-  os.environ["TMPDIR"] = str(folder)
-  tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-  yield folder
-  if previous is None:
-    del os.environ["TMPDIR"]
-  else:
-    os.environ["TMPDIR"] = previous
-  tempfile.tempdir = None
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    yield folder
 
 
 @pytest.fixture(scope="session", autouse=True)
