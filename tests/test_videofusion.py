@@ -5,6 +5,7 @@ The parity tests run in every schedule of `models.schedule` ("cpu_memory" and "p
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import pytest
 from vidfusion_jax import losses, weights
 from vidfusion_jax.models import VideoFusion, from_reference_config
 from vidfusion_jax.models import schedule as schedule_lib
-from vidfusion_jax.models.layers import LayerNorm
+from vidfusion_jax.models.layers import LayerNorm, conv2d_nhwc
 from vidfusion_jax.models.videofusion import capture_top_level
 
 OFFICIAL_CONFIG = {
@@ -272,6 +273,44 @@ def test_layernorm_matches_restormer_formula(layer_norm_type):
   else:
     expected = x / np.sqrt(var + 1e-5) * body["weight"]
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def _conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("size, padding", [(3, 1), (3, 0), (5, 2)])
+def test_conv2d_nhwc_gradients_match_autodiff(size, padding):
+  rng = np.random.default_rng(size + padding)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, 5), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((size, size, 5, 4), np.float32))
+  dy = jnp.asarray(rng.standard_normal(_conv(x, kernel, padding).shape, np.float32))
+  with jax.default_matmul_precision("float32"):
+    ours = jax.vjp(lambda a, k: conv2d_nhwc(a, k, padding), x, kernel)
+    autodiff = jax.vjp(lambda a, k: _conv(a, k, padding), x, kernel)
+    np.testing.assert_array_equal(ours[0], autodiff[0])
+    for got, expected in zip(ours[1](dy), autodiff[1](dy)):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's convolutions")
+def test_conv2d_nhwc_gradients_stay_canonical_inside_a_scan():
+  """Autodiff's gradient convolutions in a scanned block's backward keep transposed dimension
+  orders on XLA:CPU (run by a naive loop nest); conv2d_nhwc's are all NHWC/HWIO."""
+  def loss(kernels, x, conv):
+    def block(h, kernel):
+      return jax.nn.relu(conv(h, kernel, 1)), None
+    return jnp.sum(jax.lax.scan(block, x, kernels)[0] ** 2)
+
+  args = jnp.ones((2, 3, 3, 8, 8)), jnp.ones((2, 6, 6, 8))
+
+  def orders(conv):
+    hlo = jax.jit(jax.grad(loss), static_argnums=2).lower(*args, conv).compile().as_text()
+    return set(re.findall(r"dim_labels=([^,]+),", hlo))
+
+  assert orders(conv2d_nhwc) == {"b01f_01io->b01f"}
+  assert len(orders(_conv)) > 1
 
 
 @pytest.mark.parametrize("ir_shape, vi_shape, match", [

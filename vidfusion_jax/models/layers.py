@@ -5,6 +5,7 @@ weights and biases) so that training from scratch matches the reference; layouts
 (HWIO kernels). Convolutions are cross-correlations with PyTorch's symmetric zero padding k // 2.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidfusion_jax.models import schedule as schedule_lib
-from vidfusion_jax.models.schedule import CPU_MEMORY
+from vidfusion_jax.models.schedule import CPU_MEMORY, PLAIN
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -128,29 +129,6 @@ def ordered_call(module: nn.Module, *args: jax.Array, remat: bool = False) -> An
   return nn.custom_vjp(apply, forward, backward)(module, *args)
 
 
-def ordered_apply(template: nn.Module, params: Any, *args: jax.Array, remat: bool = False) -> Any:
-  """`template.apply({"params": params}, *args)` with the backward of `ordered_call`, for params
-  that are not a module's own (one block's slice of stacked params)."""
-  def fn(p, *xs):
-    return template.apply({"params": p}, *xs)
-
-  @jax.custom_vjp
-  def call(p, *xs):
-    return fn(p, *xs)
-
-  def forward(p, *xs):
-    if remat:
-      return fn(p, *xs), (p, xs)
-    return jax.vjp(fn, p, *xs)
-
-  def backward(residuals, cotangent):
-    param_grads, input_grads = _ordered_vjp(fn, residuals, cotangent, remat)
-    return (param_grads, *input_grads)
-
-  call.defvjp(forward, backward)
-  return call(params, *args)
-
-
 def _call(module: nn.Module, *args: jax.Array) -> Any:
   return module(*args)
 
@@ -243,6 +221,45 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.
   return _depthwise_valid_vjp(x, kernel)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_nhwc(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
+                                      dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_nhwc(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """Stride-1 NHWC/HWIO convolution whose gradients are NHWC/HWIO convolutions again.
+
+  Autodiff's gradient convolutions have transposed dimension orders (weight gradient
+  `f01b_i01o->01bf`). XLA:CPU rewrites them into its fast kernels' order at the top level but
+  not inside a while loop, i.e. in a scanned block's backward pass, where it runs them with a
+  naive loop nest 30-50x slower. Here the transposes are explicit, so every pass is canonical.
+  """
+  return _conv_nhwc(x, kernel, padding)
+
+
+def _conv2d_nhwc_fwd(x, kernel, padding):
+  return _conv_nhwc(x, kernel, padding), (x, kernel)
+
+
+@cpu_only
+def _conv2d_nhwc_bwd(padding, residuals, dy):
+  x, kernel = residuals
+  size = kernel.shape[0]
+  dx = _conv_nhwc(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), size - 1 - padding)
+  # dkernel[i, j, c, o] = sum over (n, h, w) of x_padded[n, h + i, w + j, c] dy[n, h, w, o]: a
+  # convolution of x_padded with channels as batch and batch as channels, by dy as the kernel.
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  dkernel = _conv_nhwc(padded.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), 0)
+  return dx.astype(x.dtype), dkernel.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+conv2d_nhwc.defvjp(_conv2d_nhwc_fwd, _conv2d_nhwc_bwd)
+
+
 class Conv2d(nn.Module):
   """torch.nn.Conv2d (stride 1, zero padding, default kernel_size // 2) on NHWC.
 
@@ -251,7 +268,8 @@ class Conv2d(nn.Module):
   block i, so that a caller can order the blocks and XLA need not keep a wide projection alive at
   once. A depthwise conv maps blocks to blocks: it takes the tuple of all n blocks, or block i with
   `part=i`. `schedule` "cpu_memory" computes depthwise 3x3 convs as nine shifted products
-  (`depthwise_conv3x3`), "plain" as grouped convolutions.
+  (`depthwise_conv3x3`) and other ungrouped convs through `conv2d_nhwc`; "plain" (the default)
+  lets autodiff differentiate one `conv_general_dilated`.
   """
   features: int
   kernel_size: int = 3
@@ -261,7 +279,7 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = torch_kernel_init
   padding: int | None = None
   output_splits: int = 1
-  schedule: str = CPU_MEMORY
+  schedule: str = PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array | tuple[jax.Array, ...],
@@ -290,6 +308,8 @@ class Conv2d(nn.Module):
         y = jnp.einsum("...c,cd->...d", xi, kernels[i][0, 0])
       elif k == 3 and depthwise and self.schedule == CPU_MEMORY:
         y = depthwise_conv3x3(xi, kernels[i], pad)
+      elif block_groups == 1 and self.schedule == CPU_MEMORY:
+        y = conv2d_nhwc(xi, kernels[i], pad)
       else:
         y = jax.lax.conv_general_dilated(
             xi, kernels[i], (1, 1), ((pad, pad), (pad, pad)),

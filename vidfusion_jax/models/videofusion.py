@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import (Conv2d, Conv3d, LayerNorm, apply_head_attention,
-                                         after, head_affinities, leaky_relu, ordered_apply,
-                                         ordered_call, pixel_unshuffle, scheduled_call,
+                                         after, head_affinities, leaky_relu, ordered_call,
+                                         pixel_unshuffle, scheduled_call,
                                          upsample_bilinear_align_corners)
 
 Dtype = Any
@@ -56,20 +56,10 @@ class Scheduled(nn.Module):
   def repeat(self, module: nn.Module, x: jax.Array, length: int) -> jax.Array:
     """`module` applied `length` times in sequence, each time with its own params.
 
-    The params are stacked along a leading axis of size `length` (`weights` maps them to the
-    per-block PyTorch names), created by one `nn.scan`. In the "plain" schedule the blocks run as
-    that scan: traced and compiled once. "cpu_memory" applies each block's slice of the stacked
-    params in turn (`ordered_apply`), each slice taken when its block starts: XLA:CPU compiles an
-    unrolled scan twice as slowly, and copies all its slices up front.
+    One `nn.scan` of `call_block`, traced and compiled once, with params stacked along a leading
+    axis of size `length` (`weights` maps them to the per-block PyTorch names). Its loop runs
+    the blocks one at a time, forward and backward, in every schedule.
     """
-    if self.schedule == schedule_lib.CPU_MEMORY and not self.is_initializing():
-      stacked = self.variables["params"][module.name]
-      template = module.clone(parent=None)
-      for i in range(length):  # Each slice is copied when its block starts, not all at once.
-        params = after(jax.tree.map(lambda p, i=i: p[i], stacked), x)
-        x = ordered_apply(template, params, x, remat=self.remat)
-      return x
-
     def step(block, carry, _):
       return self.call_block(block, carry), None
 
@@ -349,13 +339,14 @@ class Conv3DModule(nn.Module):
 class ResidualBlockNoBN(nn.Module):
   """x + conv2(LeakyReLU_0.1(conv1 x)), with the reference's 0.1-scaled Kaiming-normal init."""
   dtype: Dtype = jnp.float32
+  schedule: str = schedule_lib.CPU_MEMORY
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     init = nn.initializers.variance_scaling(0.02, "fan_in", "normal")
     c = x.shape[-1]
-    conv1 = Conv2d(c, 3, dtype=self.dtype, kernel_init=init, name="conv1")
-    conv2 = Conv2d(c, 3, dtype=self.dtype, kernel_init=init, name="conv2")
+    conv1 = Conv2d(c, 3, dtype=self.dtype, kernel_init=init, schedule=self.schedule, name="conv1")
+    conv2 = Conv2d(c, 3, dtype=self.dtype, kernel_init=init, schedule=self.schedule, name="conv2")
     return x + conv2(leaky_relu(conv1(x), 0.1))
 
 
@@ -364,7 +355,7 @@ class ResidualBlocks2D(Scheduled):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.repeat(ResidualBlockNoBN(self.dtype, name="blocks_0"), x, 4)
+    return self.repeat(ResidualBlockNoBN(self.dtype, self.schedule, name="blocks_0"), x, 4)
 
 
 class ChannelAttention(nn.Module):
