@@ -15,7 +15,7 @@ import pytest
 from vidfusion_jax import losses, weights
 from vidfusion_jax.models import VideoFusion, from_reference_config
 from vidfusion_jax.models import schedule as schedule_lib
-from vidfusion_jax.models.layers import LayerNorm, conv2d_nhwc
+from vidfusion_jax.models.layers import LayerNorm, conv2d_nhwc, depthwise_conv3x3, pointwise_conv
 from vidfusion_jax.models.videofusion import capture_top_level
 
 OFFICIAL_CONFIG = {
@@ -337,6 +337,61 @@ def test_conv2d_nhwc_gradients_stay_canonical_inside_a_scan():
 
   assert orders(conv2d_nhwc) == {"b01f_01io->b01f"}
   assert len(orders(_conv)) > 1
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_depthwise_conv3x3_gradients_match_grouped_conv(padding):
+  rng = np.random.default_rng(3 + padding)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 4), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 4), np.float32))
+
+  def grouped(a, k):
+    return jax.lax.conv_general_dilated(a, k, (1, 1), ((padding, padding),) * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=4)
+
+  dy = jnp.asarray(rng.standard_normal(grouped(x, kernel).shape, np.float32))
+  with jax.default_matmul_precision("float32"):
+    ours = jax.vjp(lambda a, k: depthwise_conv3x3(a, k, padding), x, kernel)
+    autodiff = jax.vjp(grouped, x, kernel)
+    np.testing.assert_allclose(ours[0], autodiff[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ours[1](dy), autodiff[1](dy)):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _einsum_pointwise(x, kernel):
+  return jnp.einsum("...c,cd->...d", x, kernel)
+
+
+def test_pointwise_conv_gradients_match_autodiff():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 3, 7, 5), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((5, 4), np.float32))
+  dy = jnp.asarray(rng.standard_normal((2, 3, 7, 4), np.float32))
+  with jax.default_matmul_precision("float32"):
+    ours = jax.vjp(pointwise_conv, x, kernel)
+    autodiff = jax.vjp(_einsum_pointwise, x, kernel)
+    np.testing.assert_array_equal(ours[0], autodiff[0])
+    for got, expected in zip(ours[1](dy), autodiff[1](dy)):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's fusions")
+def test_pointwise_conv_weight_gradient_transposes_nothing():
+  """Autodiff's 1x1-conv weight gradient makes XLA:CPU write the depthwise backward that feeds it
+  transposed; pointwise_conv's product of 2-D views reads both operands as they are."""
+  def loss(x, kernel, depthwise_kernel, conv):
+    return jnp.sum(jnp.sin(depthwise_conv3x3(conv(x, kernel), depthwise_kernel)))
+
+  args = jnp.ones((2, 16, 16, 8)), jnp.ones((8, 8)), jnp.ones((3, 3, 1, 8))
+
+  def transposes(conv):
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3,
+                   compiler_options=schedule_lib.compiler_options())
+    return grad.lower(*args, conv).compile().as_text().count(" transpose(")
+
+  assert transposes(pointwise_conv) == 0
+  assert transposes(_einsum_pointwise) > 0
 
 
 @pytest.mark.parametrize("ir_shape, vi_shape, match", [

@@ -297,7 +297,8 @@ class Decoder3D(BlockConfig):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     x = self.repeat(TransformerBlock(**self.block_kwargs(), name="decoder"), x, self.num_blocks)
-    x = Conv2d(c // 2, 1, use_bias=True, dtype=self.dtype, name="conv_0")(x)
+    x = Conv2d(c // 2, 1, use_bias=True, dtype=self.dtype, schedule=self.schedule,
+               name="conv_0")(x)
     x = leaky_relu(x, 0.2)
     return Conv2d(self.out_channels, 3, use_bias=False, dtype=self.dtype, name="conv_2")(x)
 
