@@ -393,28 +393,25 @@ def _normalise(x: jax.Array, weight: jax.Array, bias: jax.Array | None):
   return centred / std * weight + bias, mean, std
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer_norm_cpu(bias_free: bool, x: jax.Array, weight: jax.Array,
-                    bias: jax.Array | None) -> jax.Array:
-  del bias_free  # `bias` is None then
+@jax.custom_vjp
+def _layer_norm_cpu(x: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
   return _normalise(x, weight, bias)[0]
 
 
-def _layer_norm_cpu_fwd(bias_free, x, weight, bias):
-  del bias_free
+def _layer_norm_cpu_fwd(x, weight, bias):
   y, mean, std = _normalise(x, weight, bias)
-  return y, (x, mean, 1 / std, weight)
+  return y, (x, mean, 1 / std, weight, bias)
 
 
 @cpu_only
-def _layer_norm_cpu_bwd(bias_free, residuals, dy):
+def _layer_norm_cpu_bwd(residuals, dy):
   # Autodiff turns the broadcasts of the per-pixel statistics into sums over the channel axis
   # (32 to 128 contiguous values per pixel), which XLA:CPU runs 3-4x slower than these
   # `_channel_mean` products (docs/benchmarks.md).
-  x, mean, inv_std, weight = residuals
+  x, mean, inv_std, weight, bias = residuals
   dnormed = dy * weight
   pixels = tuple(range(dy.ndim - 1))
-  if bias_free:  # y = x * inv_std * w, inv_std from the centred variance
+  if bias is None:  # y = x * inv_std * w, inv_std from the centred variance
     dx = inv_std * (dnormed - jnp.square(inv_std) * (x - mean) * _channel_mean(dnormed * x))
     return dx, jnp.sum(dy * x * inv_std, pixels), None
   normed = (x - mean) * inv_std
@@ -448,7 +445,7 @@ class LayerNormBody(nn.Module):
     x32 = x.astype(jnp.float32)
     if self.schedule == CPU_MEMORY:
       with jax.named_scope(CPU_ONLY_SCOPE):
-        return _layer_norm_cpu(bias is None, x32, weight, bias).astype(self.dtype)
+        return _layer_norm_cpu(x32, weight, bias).astype(self.dtype)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     if self.with_bias:
