@@ -16,6 +16,7 @@ from vidfusion_jax import losses, weights
 from vidfusion_jax.models import VideoFusion, from_reference_config
 from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import LayerNorm, conv2d_nhwc, depthwise_conv3x3, pointwise_conv
+from vidfusion_jax.models.layers import _pointwise as einsum_pointwise  # the plain schedule's
 from vidfusion_jax.models.videofusion import capture_top_level
 
 OFFICIAL_CONFIG = {
@@ -359,10 +360,6 @@ def test_depthwise_conv3x3_gradients_match_grouped_conv(padding):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _einsum_pointwise(x, kernel):
-  return jnp.einsum("...c,cd->...d", x, kernel)
-
-
 def test_pointwise_conv_gradients_match_autodiff():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((2, 3, 7, 5), np.float32))
@@ -370,7 +367,7 @@ def test_pointwise_conv_gradients_match_autodiff():
   dy = jnp.asarray(rng.standard_normal((2, 3, 7, 4), np.float32))
   with jax.default_matmul_precision("float32"):
     ours = jax.vjp(pointwise_conv, x, kernel)
-    autodiff = jax.vjp(_einsum_pointwise, x, kernel)
+    autodiff = jax.vjp(einsum_pointwise, x, kernel)
     np.testing.assert_array_equal(ours[0], autodiff[0])
     for got, expected in zip(ours[1](dy), autodiff[1](dy)):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -391,7 +388,7 @@ def test_pointwise_conv_weight_gradient_transposes_nothing():
     return grad.lower(*args, conv).compile().as_text().count(" transpose(")
 
   assert transposes(pointwise_conv) == 0
-  assert transposes(_einsum_pointwise) > 0
+  assert transposes(einsum_pointwise) > 0
 
 
 @pytest.mark.parametrize("ir_shape, vi_shape, match", [
