@@ -53,17 +53,21 @@ KILL_AFTER_STEP = 5
 # near 0, into param differences up to a whole step (measured: 2e-4 on tiny VideoFusion, 2
 # processes). At 1e-3 the amplification is at most 0.2, and the rounding stays rounding.
 COMPARED_FIELDS = {"optimizer.eps": 1e-3}
-# A LeakyReLU's gradient jumps where its pre-activation crosses 0, and another reduction order can
-# move a pre-activation within float32 rounding of 0 to the other side. Tiny TemCoCo's first
-# synthetic batch has four within 1e-6 of 0 (one at 9.3e-10) in channel 93 of
-# SegBranchCombine/Branch_s1/conv2/0/1/main_branch/0/spatial_conv, the only channel of that layer
-# with any. Measured against 1 device (2026-12-01, 2 steps) on a (2, 2) mesh, in 1 process and in
-# 2: every loss term within 3e-7, but the step-2 gradient norm up to 3.3e-5 relative and the
-# params up to 1.0e-6 in the layers behind such a flip (that channel's bias by 9.0e-7 in both
-# runs; in 1 process also DCN_1/fuse_feature); 99.99% of the 19.2M params within 9e-8. So
-# multi-process adds nothing, and TemCoCo's gradient and update norms are compared at rtol 1e-4 and
-# its params at atol 3e-6. VideoFusion stays within the base tolerances in these runs.
-KINK_TOLERANCES = {"temcoco": {"norm_rtol": 1e-4, "param_atol": 3e-6}}
+# A kink (a LeakyReLU, a max, an absolute value) has a gradient that jumps where its input crosses
+# a tie, and another reduction order can move an input within float32 rounding of the tie to the
+# other side. Tiny TemCoCo's first synthetic batch has four LeakyReLU pre-activations within 1e-6
+# of 0 (one at 9.3e-10) in channel 93 of SegBranchCombine/Branch_s1/conv2/0/1/main_branch/0/
+# spatial_conv. Measured against 1 device (2026-12-01, 2 steps) on a (2, 2) mesh, in 1 process and
+# in 2: every loss term within 3e-7, but the step-2 gradient norm up to 3.3e-5 relative and the
+# params up to 1.0e-6 in the layers behind such a flip; 99.99% of the 19.2M params within 9e-8.
+# Tiny VideoFusion has one too: its step-1 update norm comes out as either 0.0130411340 or
+# 0.0130407293 (3.1e-5 apart), and which program lands on which side moves with the compiler
+# options (2026-12-02: 1 device got the second with YNNPACK reductions only, 8 devices and 2
+# processes the first; with INDIVIDUAL_DOT,REDUCE 8 devices the second); then every loss term
+# agrees within 7e-7 but 970 of the 1.56M params differ by more than 1e-7 + 1e-5 |p|, by at most
+# 2.9e-6 (`conv3d_vi_1/module_2`). So the
+# gradient and update norms are compared at rtol 1e-4 and the params at atol 3e-6 for both networks.
+KINK_TOLERANCES = {"norm_rtol": 1e-4, "param_atol": 3e-6}
 
 
 def overrides(model: str) -> dict:
@@ -170,7 +174,7 @@ def mesh_runs(model, tmp_path_factory, compilation_cache) -> dict:
 def test_data2_fsdp4_matches_1_device(model, mesh_runs):
   assert any("fsdp" in spec for spec in mesh_runs["specs"].values())  # the params were split
   assert_same_training(mesh_runs["data2_fsdp4"], mesh_runs["1"], NUM_STEPS, rtol=1e-5,
-                       **KINK_TOLERANCES.get(model, {}))
+                       **KINK_TOLERANCES)
 
 
 @pytest.mark.slow
@@ -202,11 +206,11 @@ def test_two_processes_match_1_device(model, mesh_runs, tmp_path, compilation_ca
   for process in processes:
     _, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stderr[-5000:]
-  # Measured against 1 device (2026-12-01): VideoFusion's scalars within 3.8e-7 relative and its
-  # params within 6e-8; TemCoCo's within KINK_TOLERANCES (step-2 gradient norm 1.7e-6, params
-  # 9.0e-7 at the channel named there).
-  assert_same_training(tmp_path, mesh_runs["1"], NUM_STEPS, rtol=1e-5,
-                       **KINK_TOLERANCES.get(model, {}))
+  # Measured against 1 device: VideoFusion's (2026-12-02) loss terms within 3.9e-7 relative, its
+  # update norm 3.1e-5 and params 2.9e-6 off (as data=2 x fsdp=4: the 1-device run on the kink's
+  # other side); TemCoCo's (2026-12-01) step-2 gradient norm 1.7e-6, params 9.0e-7 at the channel
+  # named above.
+  assert_same_training(tmp_path, mesh_runs["1"], NUM_STEPS, rtol=1e-5, **KINK_TOLERANCES)
 
 
 @pytest.fixture(scope="module")

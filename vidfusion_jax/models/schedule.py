@@ -52,11 +52,11 @@ def for_platforms(schedule: str, platforms) -> str:
 # XLA:CPU (jax 0.10) hands matrix products, reductions and large convolutions to YNNPACK by default.
 # On AVX-512 Xeons YNNPACK's weight-gradient convolutions (a window the size of the feature map)
 # run at ~27 GFLOP/s against ~100 in XLA's own kernels, and its input-gradient ones slower too
-# (docs/benchmarks.md): CPU programs keep the default minus the convolutions. Products are DOT
-# fusions: with INDIVIDUAL_DOT next to REDUCE, tiny VideoFusion's training step on 8 CPU devices
-# (data=2 x fsdp=4) computed gradients up to 0.17% of their leaf's scale away from 1 device's.
+# (docs/benchmarks.md). CPU programs keep YNNPACK for reductions only: its matrix products, as DOT
+# fusions, multiplied the official forward's temporaries at 640x480 by 7.6 (15.0 GB against 1.96)
+# and halved its speed; XLA's own products run as fast as its INDIVIDUAL_DOT ones.
 _YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
-CPU_COMPILER_OPTIONS = {_YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_COMPILER_OPTIONS = {_YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def compiler_options(platform: str | None = None) -> dict[str, str]:
