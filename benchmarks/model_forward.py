@@ -129,15 +129,24 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's name with its family, model and widest vector ISA: clouds name different CPU
+  generations alike ("AMD EPYC"), and XLA:CPU's speed differs between them (docs/benchmarks.md)."""
   try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+    with open(cpuinfo) as f:
+      fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                    if ":" in line)
   except OSError:
-    pass
-  return platform.processor()
+    return platform.processor()
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  details = []
+  if "cpu family" in fields and "model" in fields:
+    details.append(f"family {fields['cpu family']} model {fields['model']}")
+  cpu_flags = fields.get("flags", "").split()
+  widest_isa = [isa for flag, isa in (("avx512f", "avx512"), ("avx2", "avx2")) if flag in cpu_flags]
+  details += widest_isa[:1]
+  name = fields.get("model name", platform.processor())
+  return f"{name} ({', '.join(details)})" if details else name
 
 
 def stablehlo_op_count(lowered: jax.stages.Lowered) -> int:

@@ -32,6 +32,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from model_forward import cpu_model
 from model_forward import stablehlo_op_count
 import torch_reference
 from vidfusion_jax import cli
@@ -186,7 +187,7 @@ def main():
     print(json.dumps({
         "benchmark": "train_step", "impl": "jax", "model": args.model, "quick": args.quick,
         "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "device": jax.devices()[0].device_kind, "cpu": cpu_model(), "devices": jax.device_count(),
         "global_batch": config.batch_size, "clip_length": config.data.clip_length,
         "crop_size": config.data.crop_size, "remat": remat, "dtype": dtype, "steps": steps,
         **result}), flush=True)

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -153,6 +154,23 @@ def test_torch_reference_checkout_is_checked_before_compute(capsys, monkeypatch,
   (tmp_path / required[0]).touch()
   args = model_forward.parse_args([f"--torch_reference={tmp_path}", "--torch_threads=3"])
   assert (args.torch_reference, args.torch_threads) == (str(tmp_path.resolve()), 3)
+
+
+def test_benchmarks_name_the_cpu_generation(monkeypatch, tmp_path):
+  """Clouds sell different CPU generations under one name ("AMD EPYC"): the benchmarks' `cpu`
+  field adds the first processor's family, model and widest vector ISA from /proc/cpuinfo."""
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  cpu_model = importlib.import_module("model_forward").cpu_model
+  processor = ("processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {}\n"
+               "model name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 {}\n")
+  zen4, zen3, arm = tmp_path / "zen4", tmp_path / "zen3", tmp_path / "arm"
+  zen4.write_text(processor.format(0, 17, "avx512f avx512bw") + "\n" + processor.format(1, 1, ""))
+  zen3.write_text(processor.format(0, 1, "fma"))
+  arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n")
+  assert cpu_model(str(zen4)) == "AMD EPYC (family 25 model 17, avx512)"
+  assert cpu_model(str(zen3)) == "AMD EPYC (family 25 model 1, avx2)"
+  assert cpu_model(str(arm)) == platform.processor()
+  assert cpu_model(str(tmp_path / "absent")) == platform.processor()
 
 
 # A small but not trivial program: compiling it takes about 2 s on a 2-core CPU. The events are
