@@ -134,17 +134,18 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
   generations alike ("AMD EPYC"), and XLA:CPU's speed differs between them (docs/benchmarks.md)."""
   try:
     with open(cpuinfo) as f:
-      fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
-                    if ":" in line)
+      first_processor = f.read().split("\n\n")[0]
   except OSError:
     return platform.processor()
-  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  fields = {key.strip(): value.strip() for key, _, value in
+            (line.partition(":") for line in first_processor.splitlines()) if value}
   details = []
   if "cpu family" in fields and "model" in fields:
     details.append(f"family {fields['cpu family']} model {fields['model']}")
   cpu_flags = fields.get("flags", "").split()
-  widest_isa = [isa for flag, isa in (("avx512f", "avx512"), ("avx2", "avx2")) if flag in cpu_flags]
-  details += widest_isa[:1]
+  widest_isa = next((isa for flag, isa in (("avx512f", "avx512"), ("avx2", "avx2"))
+                     if flag in cpu_flags), None)
+  details += [widest_isa] if widest_isa else []
   name = fields.get("model name", platform.processor())
   return f"{name} ({', '.join(details)})" if details else name
 
