@@ -35,6 +35,8 @@ COMMANDS = {
                   "--ssim_data_range", "--[no]compilation_cache", "--compilation_cache_dir"]),
     "demo": (["-m", "vidfusion_jax.demo"], ["--workdir", "--steps", "--frames"]),
     "benchmarks/conv_kernels.py": (["benchmarks/conv_kernels.py"], ["--shape", "--iters"]),
+    "benchmarks/depthwise_kernel_gradient.py": (["benchmarks/depthwise_kernel_gradient.py"],
+                                                ["--shapes", "--iters"]),
     "benchmarks/data_prep.py": (["benchmarks/data_prep.py"],
                                 ["--data_root", "--work_dir", "--repeats", "--[no]quick"]),
     "benchmarks/inference.py": (["benchmarks/inference.py"],

@@ -112,6 +112,16 @@ def test_conv_kernels_benchmark_at_tiny_size():
   assert records[1]["compiler_options"] == schedule_lib.CPU_COMPILER_OPTIONS
 
 
+def test_depthwise_kernel_gradient_benchmark_chunks_large_maps():
+  records = _json_lines(_run(["benchmarks/depthwise_kernel_gradient.py",
+                              "--shapes=12,128,128,32", "--shapes=2,16,16,8", "--iters=1"]))
+  assert [(r["shape_nhwc"], r["form"], r["frames_per_chunk"]) for r in records] == [
+      ([12, 128, 128, 32], "one_pass", 12), ([12, 128, 128, 32], "chunked", 2),
+      ([2, 16, 16, 8], "one_pass", 2), ([2, 16, 16, 8], "chunked", 2)]
+  for record in records:
+    assert record["step_s"] > 0 and record["speedup"] > 0
+
+
 def test_input_pipeline_benchmark_at_tiny_size(shared, tmp_path):
   records = _json_lines(_run([
       "benchmarks/input_pipeline.py", f"--data_root={shared('data/m3svd_mini')}",

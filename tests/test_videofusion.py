@@ -14,6 +14,7 @@ import pytest
 
 from vidfusion_jax import losses, weights
 from vidfusion_jax.models import VideoFusion, from_reference_config
+from vidfusion_jax.models import layers
 from vidfusion_jax.models import schedule as schedule_lib
 from vidfusion_jax.models.layers import LayerNorm, conv2d_nhwc, depthwise_conv3x3, pointwise_conv
 from vidfusion_jax.models.layers import _pointwise as einsum_pointwise  # the plain schedule's
@@ -358,6 +359,34 @@ def test_depthwise_conv3x3_gradients_match_grouped_conv(padding):
     np.testing.assert_allclose(ours[0], autodiff[0], rtol=1e-5, atol=1e-5)
     for got, expected in zip(ours[1](dy), autodiff[1](dy)):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_kernel_gradient_in_chunks_of_frames_matches_grouped_conv(monkeypatch):
+  """Maps too large for the cache sum the kernel gradient's taps over chunks of frames (a scan):
+  the same gradients as the grouped convolution's autodiff."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((12, 8, 8, 4), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 4), np.float32))
+  dy = jnp.asarray(rng.standard_normal(x.shape, np.float32))
+  frame_bytes = (10 * 10 + 8 * 8) * 4 * 4  # a padded frame of x and a frame of dy, float32
+  monkeypatch.setattr(layers, "_TAP_SUM_CHUNK_BYTES", 3 * frame_bytes)
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  assert layers._frames_per_chunk(padded, dy) == 3  # the most frames that divide 12 and fit
+  assert layers._frames_per_chunk(padded[:9], dy[:9]) == 9  # fits 3 chunks: one pass
+  assert layers._frames_per_chunk(padded[:11], dy[:11]) == 11  # prime: no chunk of 2 or more
+
+  def grouped(a, k):
+    return jax.lax.conv_general_dilated(a, k, (1, 1), ((1, 1),) * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=4)
+
+  with jax.default_matmul_precision("float32"):
+    ours = jax.vjp(lambda a, k: depthwise_conv3x3(a, k, 1), x, kernel)[1](dy)
+    autodiff = jax.vjp(grouped, x, kernel)[1](dy)
+  for got, expected in zip(ours, autodiff):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  lowered = jax.jit(lambda a, k: jax.vjp(depthwise_conv3x3, a, k)[1](dy)).lower(x, kernel)
+  assert "stablehlo.while" in lowered.as_text()  # the chunks are a loop
 
 
 def test_pointwise_conv_gradients_match_autodiff():

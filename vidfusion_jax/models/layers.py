@@ -190,6 +190,46 @@ def _custom_vjp_saving_inputs(primal: Callable, backward: Callable) -> Callable:
   return fn
 
 
+# Bytes of x and dy that one pass of the depthwise kernel gradient's nine tap sums reads: about a
+# third of a 32 MiB L3, so that the nine passes over a chunk of frames hit the cache.
+_TAP_SUM_CHUNK_BYTES = 10 * 2**20
+
+
+def _tap_sums(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """(3, 3, C): tap (i, j) is the sum over (n, h, w) of x[n, h + i, w + j] * dy[n, h, w]."""
+  return jnp.stack([
+      jnp.stack([jnp.sum(x * jnp.pad(dy, ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0))),
+                         axis=(0, 1, 2)) for j in range(3)]) for i in range(3)])
+
+
+def _frames_per_chunk(x: jax.Array, dy: jax.Array) -> int:
+  """Frames per chunk of `_chunked_tap_sums`: the most that divide N and fit _TAP_SUM_CHUNK_BYTES,
+  or all N when x and dy fit a few chunks anyway or no chunk of 2 or more frames fits."""
+  frames = x.shape[0]
+  frame_bytes = (x[0].size + dy[0].size) * x.dtype.itemsize
+  if frames * frame_bytes <= 3 * _TAP_SUM_CHUNK_BYTES:
+    return frames
+  fitting = [k for k in range(2, frames)
+             if frames % k == 0 and k * frame_bytes <= _TAP_SUM_CHUNK_BYTES]
+  return max(fitting, default=frames)
+
+
+def _chunked_tap_sums(x: jax.Array, dy: jax.Array) -> jax.Array:
+  """`_tap_sums` accumulated over chunks of frames. Each tap sum reads x and dy once; over whole
+  full-resolution maps the nine reads stream from memory, over a chunk that fits the cache only
+  the first does (at (18, 128, 128, 32): 17 against 28 ms, docs/benchmarks.md)."""
+  frames_per_chunk = _frames_per_chunk(x, dy)
+  if frames_per_chunk == x.shape[0]:
+    return _tap_sums(x, dy)
+  chunks = x.shape[0] // frames_per_chunk
+  chunked = tuple(a.reshape(chunks, frames_per_chunk, *a.shape[1:]) for a in (x, dy))
+
+  def accumulate(total, chunk):
+    return total + _tap_sums(*chunk).astype(jnp.float32), None
+
+  return jax.lax.scan(accumulate, jnp.zeros((3, 3, x.shape[-1]), jnp.float32), chunked)[0]
+
+
 @cpu_only
 def _depthwise_bwd(residuals, dy):
   # Autodiff of the nine slices would build nine padded cotangents per conv (which XLA keeps
@@ -199,9 +239,7 @@ def _depthwise_bwd(residuals, dy):
   x, kernel = residuals
   dy_padded = jnp.pad(dy, ((0, 0), (2, 2), (2, 2), (0, 0)))
   dx = _depthwise_valid(dy_padded, kernel[::-1, ::-1])
-  dkernel = jnp.stack([
-      jnp.stack([jnp.sum(x * jnp.pad(dy, ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0))),
-                         axis=(0, 1, 2)) for j in range(3)]) for i in range(3)])[:, :, None, :]
+  dkernel = _chunked_tap_sums(x, dy)[:, :, None, :]
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
