@@ -374,6 +374,10 @@ def test_depthwise_kernel_gradient_in_chunks_of_frames_matches_grouped_conv(monk
   assert layers._frames_per_chunk(padded, dy) == 3  # the most frames that divide 12 and fit
   assert layers._frames_per_chunk(padded[:9], dy[:9]) == 9  # fits 3 chunks: one pass
   assert layers._frames_per_chunk(padded[:11], dy[:11]) == 11  # prime: no chunk of 2 or more
+  two_devices = jax.sharding.AbstractMesh((2,), ("data",),
+                                          axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.sharding.use_abstract_mesh(two_devices):  # a loop would gather frames split over devices
+    assert layers._frames_per_chunk(padded, dy) == 12
 
   def grouped(a, k):
     return jax.lax.conv_general_dilated(a, k, (1, 1), ((1, 1),) * 2,

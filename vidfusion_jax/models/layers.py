@@ -6,6 +6,7 @@ weights and biases) so that training from scratch matches the reference; layouts
 """
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -204,9 +205,12 @@ def _tap_sums(x: jax.Array, dy: jax.Array) -> jax.Array:
 
 def _frames_per_chunk(x: jax.Array, dy: jax.Array) -> int:
   """Frames per chunk of `_chunked_tap_sums`: the most that divide N and fit _TAP_SUM_CHUNK_BYTES,
-  or all N when x and dy fit a few chunks anyway or no chunk of 2 or more frames fits."""
+  or all N when x and dy fit a few chunks anyway, no chunk of 2 or more frames fits, or the
+  program runs on several devices (whose frames a loop over chunks would gather)."""
   frames = x.shape[0]
-  frame_bytes = (x[0].size + dy[0].size) * x.dtype.itemsize
+  if jax.sharding.get_abstract_mesh().size > 1:
+    return frames
+  frame_bytes = (math.prod(x.shape[1:]) + math.prod(dy.shape[1:])) * x.dtype.itemsize
   if frames * frame_bytes <= 3 * _TAP_SUM_CHUNK_BYTES:
     return frames
   fitting = [k for k in range(2, frames)
