@@ -28,11 +28,22 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("iters", 9, "timed calls per case", lower_bound=1, flag_values=fv)
 
 
+def parse_args(argv=None):
+  """The flags, with --shapes as (N, H, W, C) tuples; a usage error (exit 2) on a bad shape."""
+  prog = "python benchmarks/depthwise_kernel_gradient.py"
+  args = cli.parse(argv, define_flags, prog=prog, usage=__doc__)
+  try:
+    args.shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes]
+  except ValueError:
+    args.shapes = []
+  if not args.shapes or any(len(shape) != 4 for shape in args.shapes):
+    cli.usage_error(prog, "--shapes takes N,H,W,C as four integers, e.g. 18,128,128,32")
+  return args
+
+
 def main():
-  args = cli.parse(None, define_flags, prog="python benchmarks/depthwise_kernel_gradient.py",
-                   usage=__doc__)
-  for text in args.shapes:
-    n, h, w, c = (int(v) for v in text.split(","))
+  args = parse_args()
+  for n, h, w, c in args.shapes:
     x = jax.random.normal(jax.random.key(0), (n, h + 2, w + 2, c))
     dy = jax.random.normal(jax.random.key(1), (n, h, w, c))
     timings = {form: compile_and_time(fn, (x, dy), args.iters) for form, fn in FORMS.items()}

@@ -134,6 +134,19 @@ def test_bad_command_lines_exit_2_with_a_message(capsys):
     assert message in err and "--help" in err, err
 
 
+def test_depthwise_benchmark_shapes_are_checked_before_compute(capsys, monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+  benchmark = importlib.import_module("depthwise_kernel_gradient")
+  for bad in ("18,128", "18,128,128,c"):
+    with pytest.raises(SystemExit) as exit_info:
+      benchmark.parse_args([f"--shapes={bad}"])
+    assert exit_info.value.code == cli.USAGE_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert "--shapes takes N,H,W,C as four integers" in err and "--help" in err, err
+  args = benchmark.parse_args(["--shapes=2,16,16,8", "--shapes=1,8,8,4"])
+  assert args.shapes == [(2, 16, 16, 8), (1, 8, 8, 4)]
+
+
 def test_torch_reference_checkout_is_checked_before_compute(capsys, monkeypatch, tmp_path):
   monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
   model_forward = importlib.import_module("model_forward")
