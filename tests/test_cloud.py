@@ -343,7 +343,6 @@ def trained(datasets, gcs, compilation_cache, tmp_path_factory):
           "killed_checkpoints": killed_checkpoints, "second": second}
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_training_on_the_bucket_resumes_bit_identically(trained):
   assert trained["first"].returncode == -signal.SIGKILL
@@ -385,7 +384,6 @@ def tiny_params():
   return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
-@pytest.mark.slow
 def test_export_fuse_and_evaluate_on_the_bucket(gcs, tiny_params, tmp_path):
   """Model, inputs (a frame folder and an mp4) and outputs on the bucket give the local results."""
   model = f"{gcs}/model"

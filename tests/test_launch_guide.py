@@ -84,7 +84,6 @@ def test_launch_guide_lists_every_cluster():
   assert len(commands) == 4  # the multi-GPU host has a data-parallel and a 4 x 2 variant
 
 
-@pytest.mark.slow
 def test_launch_commands_lower_for_their_platform(compilation_cache):
   commands = launch_commands()
   result = subprocess.run(

@@ -63,7 +63,6 @@ def videofusion_config():
   return config
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("platform", ACCELERATORS)
 def test_videofusion_train_step_lowers_plain_and_sharded(videofusion_config, platform):
   text, trainer = lower_train_step(videofusion_config, platform)

@@ -95,7 +95,6 @@ def lowered(tmp_path_factory):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("program", ["train", "inference"])
 @pytest.mark.parametrize("platform", PLATFORMS)

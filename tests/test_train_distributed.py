@@ -25,8 +25,6 @@ from vidfusion_jax import checkpointing
 from vidfusion_jax import sharding
 from vidfusion_jax import train
 
-pytestmark = pytest.mark.slow  # every case runs training subprocesses
-
 # (name, mesh shape over ("data", "fsdp"), number of devices, grad_accum_steps)
 MESH_RUNS = (("data8", (8, 1), 8, 1), ("data2_fsdp4", (2, 4), 8, 1), ("data4_accum2", (4, 1), 4, 2))
 

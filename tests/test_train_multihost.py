@@ -65,7 +65,6 @@ def two_processes(tmp_path_factory, records, compilation_cache):
           "finished": ([p.returncode for p in second], second_stderr)}
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigterm_to_one_process_stops_both_at_one_step(two_processes):
   stopped = two_processes["stopped"]
@@ -76,7 +75,6 @@ def test_sigterm_to_one_process_stops_both_at_one_step(two_processes):
   assert stopped["iterator_states"] == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one_after_resume(two_processes, one_process):
   """Losses, params and evaluation numbers of the resumed 2-process run equal the 1-process run."""

@@ -70,8 +70,7 @@ def golden(request, shared):
 
 
 # "cpu_memory" is the CPU default; "plain" (the accelerators' schedule) compiles the network again.
-@pytest.fixture(scope="module", params=[
-    schedule_lib.CPU_MEMORY, pytest.param(schedule_lib.PLAIN, marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[schedule_lib.CPU_MEMORY, schedule_lib.PLAIN])
 def schedule(request):
   return request.param
 
