@@ -4,6 +4,9 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
+import types
 
 import grain
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from vidfusion_jax import data
 from vidfusion_jax.data import degrade
+from vidfusion_jax.data import records
 
 HEIGHT, WIDTH, FRAMES, K = 24, 32, 8, 4
 
@@ -267,3 +271,42 @@ def test_conversion_workers_do_not_import_jax():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=pathlib.Path(__file__).resolve().parents[1])
   assert result.stdout.strip() == "[]"
+
+
+def test_parser_resolves_the_proto_class_in_one_thread_at_a_time(monkeypatch):
+  """Grain's prefetch threads parse records at once; two threads inside tfds's lazy imports
+  together deadlocked a worker (records._example_class). A stand-in tfds whose resolution takes
+  0.2 s records how many threads are inside it at once."""
+  inside, most_inside, lock = [0], [0], threading.Lock()
+
+  class LazyProtoModule:  # tfds's protos are etils LazyModules, resolved on attribute access
+    @property
+    def Example(self):  # pylint: disable=invalid-name
+      with lock:
+        inside[0] += 1
+        most_inside[0] = max(most_inside[0], inside[0])
+      time.sleep(0.2)
+      with lock:
+        inside[0] -= 1
+      return "Example"
+
+  proto = types.ModuleType("tensorflow_datasets.proto")
+  proto.tf_example_pb2 = LazyProtoModule()
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.ModuleType("tensorflow_datasets"))
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets.proto", proto)
+  records._example_class.cache_clear()
+  try:
+    start = threading.Barrier(4)
+    results = []
+    def parse():
+      start.wait()
+      results.append(records._example_class())
+    threads = [threading.Thread(target=parse) for _ in range(4)]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join(10)
+  finally:
+    records._example_class.cache_clear()
+  assert results == ["Example"] * 4
+  assert most_inside[0] == 1

@@ -13,7 +13,9 @@ never imported, and tfds only when a record is parsed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
+import threading
 import zlib
 from typing import Mapping, Sequence
 
@@ -61,11 +63,22 @@ def _feature(values: Sequence[bytes] | Sequence[int], is_bytes: bool) -> list[by
   return _delimited(3, _delimited(1, [b"".join(map(_varint, values))]))
 
 
+_TFDS_IMPORT_LOCK = threading.Lock()
+
+
+@functools.cache
 def _example_class():
   """tfds's `tf.train.Example` proto class, imported on first use: importing tfds takes ~0.2 s,
-  which the conversion workers, which only write records, do not pay."""
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
-  return tf_example_pb2.Example
+  which the conversion workers, which only write records, do not pay.
+
+  One thread at a time: Grain's prefetch threads parse records concurrently, and two threads in
+  tfds's lazy imports at once can deadlock on Python 3.11 (seen in a Grain worker: one thread
+  importing tfds waited for `functools.cached_property`'s lock, shared by every etils
+  `LazyModule`, which the other held while it waited for tfds's import lock).
+  """
+  with _TFDS_IMPORT_LOCK:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
+    return tf_example_pb2.Example
 
 
 def _is_gray(frame: np.ndarray) -> bool:
